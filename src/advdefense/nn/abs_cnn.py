@@ -1,0 +1,57 @@
+"""The CNN baseline of the ABS paper (Schott et al., ICLR 2019, Sec. 5 "CNN").
+
+Four convolutions with kernels 5/4/3/5, strides 1/2/2/1 and 20/70/256/K channels, BatchNorm and
+ELU after the first three, no padding: a 28 x 28 image shrinks to 24, 11, 5 and finally 1 x 1, so
+the last convolution is the K-way linear read-out. Parameter names (``conv_0`` ... ``bn_2``)
+match the published ABS weights, so those load into this module unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from advdefense.registry import register_model
+
+__all__ = ["AbsCNN", "AbsCNNConfig"]
+
+
+@dataclass(frozen=True)
+class AbsCNNConfig:
+    """Constructor arguments of :class:`AbsCNN`."""
+
+    in_channels: int = 1
+    num_classes: int = 10
+    widths: tuple[int, int, int] = (20, 70, 256)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", tuple(self.widths))
+
+
+@register_model("cnn")
+class AbsCNN(nn.Module):
+    """ABS-paper CNN for 1 x 28 x 28 inputs in [0, 1]; returns N x K logits."""
+
+    config_class = AbsCNNConfig
+
+    def __init__(self, config: AbsCNNConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or AbsCNNConfig()
+        first, second, third = self.config.widths
+        self.conv_0 = nn.Conv2d(self.config.in_channels, first, kernel_size=5, stride=1)
+        self.bn_0 = nn.BatchNorm2d(first)
+        self.conv_1 = nn.Conv2d(first, second, kernel_size=4, stride=2)
+        self.bn_1 = nn.BatchNorm2d(second)
+        self.conv_2 = nn.Conv2d(second, third, kernel_size=3, stride=2)
+        self.bn_2 = nn.BatchNorm2d(third)
+        self.conv_3 = nn.Conv2d(third, self.config.num_classes, kernel_size=5, stride=1)
+        self.activation = nn.ELU()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation(self.bn_0(self.conv_0(images)))
+        hidden = self.activation(self.bn_1(self.conv_1(hidden)))
+        hidden = self.activation(self.bn_2(self.conv_2(hidden)))
+        logits: torch.Tensor = self.conv_3(hidden)
+        return logits.flatten(1)

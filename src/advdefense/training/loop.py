@@ -1,0 +1,115 @@
+"""The shared supervised training loop: mini-batches, Adam, seeding, progress bars."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from advdefense.devices import seed_everything
+from advdefense.errors import InputError
+from advdefense.validation import check_images, check_labels, check_positive_int
+
+__all__ = ["EpochRecord", "TrainingConfig", "TrainingHistory", "train_classifier"]
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """Hyperparameters of :func:`train_classifier`; stored verbatim in the checkpoint."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.epochs, "epochs")
+        check_positive_int(self.batch_size, "batch_size")
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise InputError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """Mean training loss and accuracy of one epoch."""
+
+    epoch: int
+    loss: float
+    accuracy: float
+
+
+@dataclass
+class TrainingHistory:
+    """Per-epoch records of one training run."""
+
+    epochs: list[EpochRecord] = field(default_factory=list)
+
+
+def train_classifier(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainingConfig,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> TrainingHistory:
+    """Train ``model`` with cross-entropy on ``(images, labels)``; leave it in eval mode."""
+    check_images(images, "images")
+    check_labels(labels, "labels", batch_size=images.shape[0])
+    device = device or next(model.parameters()).device
+    generator = seed_everything(config.seed)
+    model.to(device).train()
+    optimizer: torch.optim.Optimizer
+    if config.optimizer == "adam":
+        optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+    else:
+        optimizer = torch.optim.SGD(
+            model.parameters(),
+            lr=config.learning_rate,
+            momentum=0.9,
+            weight_decay=config.weight_decay,
+        )
+    loss_function = nn.CrossEntropyLoss()
+    history = TrainingHistory()
+    count = images.shape[0]
+    batches_per_epoch = math.ceil(count / config.batch_size)
+    bar = tqdm(
+        total=config.epochs * batches_per_epoch,
+        desc="train",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for epoch in range(1, config.epochs + 1):
+            order = torch.randperm(count, generator=generator)
+            total_loss, correct = 0.0, 0
+            for start in range(0, count, config.batch_size):
+                index = order[start : start + config.batch_size]
+                batch_images = images[index].to(device)
+                batch_labels = labels[index].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                logits = model(batch_images)
+                loss = loss_function(logits, batch_labels)
+                loss.backward()
+                optimizer.step()
+                total_loss += float(loss.detach()) * index.numel()
+                correct += int((logits.argmax(1) == batch_labels).sum())
+                bar.update(1)
+            record = EpochRecord(epoch, total_loss / count, correct / count)
+            history.epochs.append(record)
+            bar.set_postfix(epoch=epoch, loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.4f}")
+    finally:
+        bar.close()
+        model.eval()
+    return history
