@@ -328,7 +328,9 @@ def _reproduce(args: argparse.Namespace) -> None:
         for name, recipe_path in recipes.items():
             print(f"{name:<24} {recipe_path}")
         return
-    path: Path | None = Path(args.recipe) if args.recipe.endswith(".py") else recipes.get(args.recipe)
+    path: Path | None = (
+        Path(args.recipe) if args.recipe.endswith(".py") else recipes.get(args.recipe)
+    )
     if path is None or not path.is_file():
         known = ", ".join(recipes) or "none found"
         raise UserError(

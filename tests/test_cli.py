@@ -1,0 +1,254 @@
+"""The advdefense command: every subcommand end to end on small real data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import advdefense
+from advdefense.cli import main
+from advdefense.nn import AbsCNN
+
+SUBCOMMANDS = ("datasets", "train", "evaluate", "report", "reproduce", "demo")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ADVDEFENSE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("ADVDEFENSE_MIRROR", raising=False)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_complete_help(command: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "advdefense.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: advdefense " + command in result.stdout
+    if command not in ("datasets", "report"):
+        for flag in ("--device", "--seed", "--out", "--quiet"):
+            assert flag in result.stdout
+
+
+def test_datasets_list_and_verify(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = _run(capsys, "datasets")
+    assert code == 0
+    for name in ("mnist", "fashion-mnist", "cifar10", "cifar100", "svhn", "mnist-sample"):
+        assert name in out
+    code, out, _ = _run(capsys, "datasets", "verify")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if not line.startswith(" ")}
+    assert "found" in lines["mnist-sample"]
+    assert "missing" in lines["cifar10"] and "data/cifar10" in lines["cifar10"]
+    assert "datasets found" in out
+
+
+def test_user_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    cases = [
+        ("train", "cnn", "--dataset", "mnist-sample", "--epochs", "0", "--out", str(tmp_path)),
+        ("evaluate", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")),
+        ("report", str(tmp_path / "no-run")),
+        ("reproduce", "no-such-recipe", "--recipes", str(tmp_path)),
+        ("evaluate", str(tmp_path), "--attacks", "bogus", "--out", str(tmp_path / "run")),
+    ]
+    for argv in cases:
+        code, _, err = _run(capsys, *argv)
+        assert code == 2, argv
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, err
+
+
+def test_bad_flag_exits_2() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "advdefense.cli", "train", "resnet9000", "--dataset", "mnist"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "invalid choice" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pickle_checkpoint_is_a_user_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    torch.save(AbsCNN().state_dict(), tmp_path / "model.pt")
+    code, _, err = _run(
+        capsys,
+        "evaluate",
+        str(tmp_path / "model.pt"),
+        "--dataset",
+        "mnist-sample",
+        "--out",
+        str(tmp_path / "run"),
+    )
+    assert code == 2 and "pickle-based checkpoint" in err
+
+
+def test_missing_dataset_names_files_and_directory(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ADVDEFENSE_MIRROR", "http://127.0.0.1:9/")  # discard port: refused
+    code, _, err = _run(
+        capsys,
+        "train",
+        "cnn",
+        "--dataset",
+        "svhn",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "m"),
+        "--quiet",
+    )
+    assert code == 2
+    assert "train_32x32.mat" in err and str(tmp_path / "data") in err
+
+
+def test_train_evaluate_report_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    model_dir = tmp_path / "cnn"
+    code, out, err = _run(
+        capsys,
+        "train",
+        "cnn",
+        "--dataset",
+        "mnist-sample",
+        "--epochs",
+        "1",
+        "--n-train",
+        "600",
+        "--seed",
+        "1",
+        "--out",
+        str(model_dir),
+        "--quiet",
+    )
+    assert code == 0, err
+    assert "saved cnn" in out and "test accuracy" in out
+    config = json.loads((model_dir / "config.json").read_text())
+    assert config["dataset"] == "mnist-sample" and config["seed"] == 1
+    assert config["training"]["epochs"] == 1 and config["training"]["train_samples"] == 600
+    assert 0.5 < config["metrics"]["test_accuracy"] <= 1.0
+    assert isinstance(advdefense.load(model_dir), AbsCNN)
+
+    run_dir = tmp_path / "run"
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        str(model_dir),
+        "--n",
+        "20",
+        "--attacks",
+        "fgsm,l2-deepfool",
+        "--epsilon",
+        "linf=0.1",
+        "--out",
+        str(run_dir),
+        "--quiet",
+    )
+    assert code == 0, err
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["n"] == 20 and results["dataset"] == "mnist-sample"
+    assert results["attacks"]["fgsm"]["epsilon"] == 0.1
+    assert results["attacks"]["l2-deepfool"]["epsilon"] == 1.5
+    assert (run_dir / "accuracy_vs_epsilon.png").is_file()
+
+    code, out, _ = _run(
+        capsys,
+        "report",
+        str(run_dir),
+        str(run_dir),
+        "--format",
+        "csv",
+        "--out",
+        str(tmp_path / "table.csv"),
+        "--plot",
+        str(tmp_path / "p.png"),
+    )
+    assert code == 0
+    assert (tmp_path / "table.csv").read_text().startswith("row,model,accuracy")
+    assert (tmp_path / "p.png").is_file()
+    code, out, _ = _run(capsys, "report", str(run_dir / "results.json"))
+    assert code == 0 and "| clean accuracy |" in out
+
+
+def test_reproduce_lists_and_runs_a_recipe(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "marker.py").write_text(
+        "from pathlib import Path\n"
+        "def reproduce(out, device, seed, progress, n):\n"
+        "    Path(out).mkdir(parents=True, exist_ok=True)\n"
+        "    (Path(out) / 'done.txt').write_text(f'{device} {seed} {progress} {n}')\n"
+    )
+    code, out, _ = _run(capsys, "reproduce", "--recipes", str(recipes))
+    assert code == 0 and "marker" in out
+    code, _, err = _run(
+        capsys,
+        "reproduce",
+        "marker",
+        "--recipes",
+        str(recipes),
+        "--device",
+        "cpu",
+        "--seed",
+        "4",
+        "--n",
+        "12",
+        "--quiet",
+        "--out",
+        str(tmp_path / "o"),
+    )
+    assert code == 0, err
+    assert (tmp_path / "o" / "done.txt").read_text() == "cpu 4 False 12"
+
+
+def test_cuda_without_gpu_is_a_user_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present, so --device cuda is valid here")
+    code, _, err = _run(
+        capsys,
+        "train",
+        "cnn",
+        "--dataset",
+        "mnist-sample",
+        "--epochs",
+        "1",
+        "--device",
+        "cuda",
+        "--out",
+        str(tmp_path),
+    )
+    assert code == 2 and "no CUDA GPU" in err
+
+
+@pytest.mark.slow
+def test_demo_meets_its_acceptance_bar(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, out, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--quiet")
+    assert code == 0, err
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["clean_accuracy"] >= 0.95
+    assert set(results["attacks"]) == {"fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"}
+    assert "| clean accuracy |" in out
