@@ -119,6 +119,7 @@ def test_missing_dataset_names_files_and_directory(
     )
     assert code == 2
     assert "train_32x32.mat" in err and str(tmp_path / "data") in err
+    assert err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_train_evaluate_report_round_trip(

@@ -378,7 +378,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.handler(args)
     except UserError as error:
-        print(f"advdefense {args.command}: error: {error}", file=sys.stderr)
+        message = "; ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"advdefense {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"advdefense {args.command}: interrupted", file=sys.stderr)

@@ -7,11 +7,10 @@ flag is never trusted. The model is evaluated in eval mode and given back in the
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
 from advdefense.errors import InputError
+from advdefense.modes import device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = ["AttackOutcome", "clean_accuracy", "evaluate_attack", "evaluation_mode", "predict"]
@@ -29,29 +29,12 @@ __all__ = ["AttackOutcome", "clean_accuracy", "evaluate_attack", "evaluation_mod
 _NORM_TOLERANCE = 1e-5
 
 
-@contextlib.contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode for the block; restore every submodule's mode afterwards."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for module, training in modes:
-            module.training = training
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
 @torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (argmax of the scores) for ``images``, computed in batches."""
     check_images(images, "images")
     check_positive_int(batch_size, "batch_size")
-    device = _device_of(model)
+    device = device_of(model)
     with evaluation_mode(model):
         predictions = [
             model(images[start : start + batch_size].to(device)).argmax(1).cpu()
@@ -116,7 +99,7 @@ def evaluate_attack(
     grid = tuple(sorted(float(eps) for eps in epsilons))
     if not grid or grid[0] < 0:
         raise InputError(f"epsilons must be a non-empty list of non-negative numbers, got {grid}")
-    device = _device_of(model)
+    device = device_of(model)
     robust_batches = []
     started = time.perf_counter()
     with evaluation_mode(model):
