@@ -63,10 +63,10 @@ def test_user_errors_exit_2_with_one_line(
 ) -> None:
     cases = [
         ("train", "cnn", "--dataset", "mnist-sample", "--epochs", "0", "--out", str(tmp_path)),
-        ("evaluate", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")),
+        ("evaluate", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "run")),
         ("report", str(tmp_path / "no-run")),
         ("reproduce", "no-such-recipe", "--recipes", str(tmp_path)),
-        ("evaluate", str(tmp_path), "--attacks", "bogus", "--out", str(tmp_path / "run")),
+        ("evaluate", "--model", str(tmp_path), "--mode", "fixed", "--out", str(tmp_path / "r")),
     ]
     for argv in cases:
         code, _, err = _run(capsys, *argv)
@@ -92,6 +92,7 @@ def test_pickle_checkpoint_is_a_user_error(
     code, _, err = _run(
         capsys,
         "evaluate",
+        "--model",
         str(tmp_path / "model.pt"),
         "--dataset",
         "mnist-sample",
@@ -154,28 +155,80 @@ def test_train_evaluate_report_round_trip(
     code, out, err = _run(
         capsys,
         "evaluate",
+        "--model",
         str(model_dir),
         "--n",
         "20",
-        "--attacks",
-        "fgsm,l2-deepfool",
-        "--epsilon",
-        "linf=0.1",
+        "--suite",
+        "quick",
+        "--threshold",
+        "Linf=0.1",
+        "--grid-points",
+        "2",
+        "--batch-size",
+        "10",
         "--out",
         str(run_dir),
         "--quiet",
     )
     assert code == 0, err
-    results = json.loads((run_dir / "results.json").read_text())
-    assert results["n"] == 20 and results["dataset"] == "mnist-sample"
-    assert results["attacks"]["fgsm"]["epsilon"] == 0.1
-    assert results["attacks"]["l2-deepfool"]["epsilon"] == 1.5
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["n"] == 20 and report["dataset"] == "mnist-sample"
+    assert report["suite"] == "quick"
+    cnn = report["models"]["cnn"]
+    assert cnn["norms"]["Linf"]["threshold"] == 0.1 and cnn["norms"]["L2"]["threshold"] == 1.5
     assert (run_dir / "accuracy_vs_epsilon.png").is_file()
+    assert "| clean accuracy |" in out
+    lines = (run_dir / "records.jsonl").read_text()
+
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--n",
+        "20",
+        "--suite",
+        "quick",
+        "--threshold",
+        "Linf=0.1",
+        "--grid-points",
+        "2",
+        "--batch-size",
+        "10",
+        "--out",
+        str(run_dir),
+        "--quiet",
+    )
+    assert code == 0, err
+    assert (run_dir / "records.jsonl").read_text() == lines, "a rerun must skip finished work"
+
+    fixed_dir = tmp_path / "fixed"
+    code, out, err = _run(
+        capsys,
+        "evaluate",
+        "--model",
+        str(model_dir),
+        "--n",
+        "20",
+        "--suite",
+        "quick",
+        "--mode",
+        "fixed",
+        "--norm",
+        "L2",
+        "--eps",
+        "1.5",
+        "--out",
+        str(fixed_dir),
+        "--quiet",
+    )
+    assert code == 0, err
+    assert "robust accuracy" in out
 
     code, out, _ = _run(
         capsys,
         "report",
-        str(run_dir),
         str(run_dir),
         "--format",
         "csv",
@@ -185,10 +238,12 @@ def test_train_evaluate_report_round_trip(
         str(tmp_path / "p.png"),
     )
     assert code == 0
-    assert (tmp_path / "table.csv").read_text().startswith("row,model,accuracy")
+    assert (tmp_path / "table.csv").read_text().startswith(",cnn")
     assert (tmp_path / "p.png").is_file()
-    code, out, _ = _run(capsys, "report", str(run_dir / "results.json"))
-    assert code == 0 and "| clean accuracy |" in out
+    code, out, _ = _run(capsys, "report", str(run_dir), "--format", "html")
+    assert code == 0 and "<table>" in out
+    code, _, err = _run(capsys, "report", str(run_dir), str(fixed_dir))
+    assert code == 2 and "cannot mix" in err
 
 
 def test_reproduce_lists_and_runs_a_recipe(
@@ -249,7 +304,9 @@ def test_cuda_without_gpu_is_a_user_error(
 def test_demo_meets_its_acceptance_bar(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     code, out, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--quiet")
     assert code == 0, err
-    results = json.loads((tmp_path / "demo" / "results.json").read_text())
-    assert results["clean_accuracy"] >= 0.95
-    assert set(results["attacks"]) == {"fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"}
+    report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
+    cnn = report["models"]["cnn"]
+    assert cnn["clean_accuracy"] >= 0.95
+    assert set(cnn["attacks"]) == {"fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"}
+    assert cnn["flags"] == []
     assert "| clean accuracy |" in out

@@ -1,29 +1,39 @@
-"""Robust-accuracy evaluation: re-checked adversarials, sanity properties, reports."""
+"""The evaluation harness: minimal and fixed modes, re-checks, resume, sanity flags, reports."""
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from advdefense.attacks import get_attack
 from advdefense.attacks.catalog import AttackEntry
-from advdefense.errors import InputError
+from advdefense.attacks.suites import AttackSuite
+from advdefense.errors import InputError, UserError
 from advdefense.evaluation.metrics import wilson_interval
-from advdefense.evaluation.record import evaluate_model, read_record, write_record
-from advdefense.evaluation.report import plot_accuracy_curves, render
-from advdefense.evaluation.robustness import (
-    clean_accuracy,
-    evaluate_attack,
-    evaluation_mode,
-    predict,
-)
+from advdefense.evaluation.report import plot_accuracy_curves, render, report_json
+from advdefense.evaluation.robustness import clean_accuracy, predict
+from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
+from advdefense.evaluation.runner import run_fixed, run_minimal
+from advdefense.evaluation.sanity import model_flags
+from advdefense.evaluation.store import ResultStore, model_fingerprint
+from advdefense.evaluation.summary import summarize_fixed, summarize_minimal
+from advdefense.modes import evaluation_mode
+
+THRESHOLDS = {"l2": 1.5, "linf": 0.3}
 
 
 class Brightness(nn.Module):
@@ -50,6 +60,14 @@ def _data(n: int = 40) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
+def _suite(*attack_ids: str) -> AttackSuite:
+    return AttackSuite("test", "1", tuple(get_attack(a) for a in attack_ids), "test suite")
+
+
+DETERMINISTIC = _suite("fgsm", "l2-deepfool")
+QUICKISH = _suite("fgsm", "linf-pgd", "l2-pgd", "l2-deepfool")
+
+
 def test_predict_and_clean_accuracy() -> None:
     images, labels = _data()
     model = Brightness()
@@ -65,56 +83,308 @@ def test_evaluation_mode_restores_each_submodule() -> None:
     assert model.training and not model.dropout.training
 
 
-@pytest.mark.parametrize("attack_id", ["fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"])
-def test_curve_sanity(attack_id: str) -> None:
+def test_minimal_mode_sanity(tmp_path: Path) -> None:
     images, labels = _data()
     model = Brightness().train()
-    torch.manual_seed(0)
-    outcome = evaluate_attack(
+    store = ResultStore(tmp_path)
+    keys = run_minimal(
         model,
         images,
         labels,
-        get_attack(attack_id),
-        [0.0, 0.05, 0.2, 1.0, 4.0],
+        QUICKISH,
+        store,
+        model_name="bright",
+        thresholds=THRESHOLDS,
         batch_size=16,
+        grid_points=5,
         progress=False,
     )
     assert model.training, "the caller's mode must be restored"
-    curve = [accuracy for _, accuracy in outcome.accuracy_curve()]
-    assert curve[0] == pytest.approx(clean_accuracy(model, images, labels))
-    assert all(b <= a + 1e-9 for a, b in itertools.pairwise(curve)), curve
-    assert curve[-1] == 0.0, "an unbounded attack must break every sample of this model"
-    assert outcome.robust.shape == (5, 40)
-    assert outcome.seconds > 0
+    assert len(keys) == 4 * 3 and len(store) == 12  # 4 attacks x 3 batches
+    summary = summarize_minimal(
+        store, keys, model="bright", indices=range(40), thresholds=THRESHOLDS
+    )
+    assert summary.clean_accuracy == pytest.approx(37 / 40)
+    for attack in summary.attacks.values():
+        # epsilon 0 reproduces clean accuracy: distance 0 exactly for the clean mistakes
+        assert int((attack.distances == 0).sum()) == 3
+        assert attack.accuracy <= summary.clean_accuracy
+        assert attack.forward_calls > 0 and attack.seconds > 0
+    for norm, worst in summary.norms.items():
+        per_attack = [a.accuracy for a in summary.attacks.values() if a.norm == norm]
+        assert worst.accuracy <= min(per_attack)
+        accuracies = [accuracy for _, accuracy in worst.curve()]
+        assert all(b <= a for a, b in itertools.pairwise(accuracies)), "never rises with eps"
+        assert accuracies[0] == pytest.approx(summary.clean_accuracy)
+    # DeepFool is unbounded: it breaks every sample of this model
+    assert np.isfinite(summary.attacks["l2-deepfool"].distances).all()
+    assert summary.minimal_accuracy == min(a.accuracy for a in summary.attacks.values())
+
+
+def test_rerun_skips_finished_work(tmp_path: Path) -> None:
+    images, labels = _data()
+    arguments: dict[str, Any] = {
+        "model_name": "b",
+        "thresholds": THRESHOLDS,
+        "batch_size": 16,
+        "progress": False,
+    }
+    keys = run_minimal(
+        Brightness(), images, labels, DETERMINISTIC, ResultStore(tmp_path), **arguments
+    )
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    again = run_minimal(
+        Brightness(), images, labels, DETERMINISTIC, ResultStore(tmp_path), **arguments
+    )
+    assert again == keys
+    assert (tmp_path / "records.jsonl").read_text().splitlines() == lines
+    other_seed = run_minimal(
+        Brightness(),
+        images,
+        labels,
+        DETERMINISTIC,
+        ResultStore(tmp_path),
+        **{**arguments, "seed": 1},
+    )
+    assert set(other_seed).isdisjoint(keys)
+
+
+def test_store_drops_a_torn_last_line(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.append({"key": "a", "value": 1}, torch.zeros(2, 1, 2, 2))
+    store.append({"key": "b", "value": 2})
+    with (tmp_path / "records.jsonl").open("ab") as handle:
+        handle.write(b'{"key": "c", "val')
+    reopened = ResultStore(tmp_path)
+    assert [r["key"] for r in reopened.records()] == ["a", "b"]
+    assert (tmp_path / "records.jsonl").read_bytes().endswith(b"}\n")
+    reopened.append({"key": "c", "value": 3})
+    assert [r["key"] for r in ResultStore(tmp_path).records()] == ["a", "b", "c"]
+    adversarials = ResultStore(tmp_path).adversarials("a")
+    assert adversarials is not None and adversarials.shape == (2, 1, 2, 2)
+
+
+_KILLABLE_RUN = textwrap.dedent("""
+    import sys, time, torch
+    from torch import nn
+    from advdefense.attacks import get_attack
+    from advdefense.attacks.suites import AttackSuite
+    from advdefense.evaluation.runner import run_minimal
+    from advdefense.evaluation.store import ResultStore
+
+    class Slow(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(20.0))
+        def forward(self, x):
+            time.sleep(0.002)
+            s = self.scale * (x.flatten(1).mean(1) - 0.5)
+            return torch.stack([-s, s], 1)
+
+    levels = torch.linspace(0.05, 0.95, 60)
+    images = levels.view(60, 1, 1, 1).expand(60, 1, 4, 4).clone()
+    labels = (levels > 0.5).long()
+    suite = AttackSuite("t", "1", (get_attack("fgsm"), get_attack("l2-deepfool")), "t")
+    run_minimal(Slow(), images, labels, suite, ResultStore(sys.argv[1]), model_name="slow",
+                thresholds={"l2": 1.5, "linf": 0.3}, batch_size=4, progress=False)
+""")
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path: Path) -> None:
+    script = tmp_path / "run.py"
+    script.write_text(_KILLABLE_RUN)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    process = subprocess.Popen([sys.executable, str(script), str(killed)])
+    records = killed / "records.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if records.exists() and records.read_bytes().count(b"\n") >= 5:
+            break
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    partial = ResultStore(killed)
+    assert 5 <= len(partial) < 30, "the run must have been killed mid-way"
+    subprocess.run([sys.executable, str(script), str(killed)], check=True)
+    subprocess.run([sys.executable, str(script), str(clean)], check=True)
+    resumed_lines = records.read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in resumed_lines]
+    assert len(keys) == len(set(keys)) == 30  # 2 attacks x 15 batches, none lost or doubled
+    clean_records = {r["key"]: r for r in ResultStore(clean).records()}
+    for record in ResultStore(killed).records():
+        assert record["distances"] == clean_records[record["key"]]["distances"]
+
+
+def test_fixed_mode_matches_minimal_mode(tmp_path: Path) -> None:
+    images, labels = _data()
+    suite = _suite("fgsm", "linf-pgd")
+    store = ResultStore(tmp_path)
+    keys = run_minimal(
+        Brightness(),
+        images,
+        labels,
+        suite,
+        store,
+        model_name="b",
+        thresholds={"linf": 0.1},
+        batch_size=16,
+        grid_points=4,
+        progress=False,
+    )
+    minimal = summarize_minimal(store, keys, model="b", indices=range(40), thresholds={"linf": 0.1})
+    fixed_keys = run_fixed(
+        Brightness(),
+        images,
+        labels,
+        _suite("fgsm"),
+        store,
+        model_name="b",
+        norm="linf",
+        epsilon=0.1,
+        batch_size=16,
+        progress=False,
+    )
+    clean_correct = [bool(c) for c in predict(Brightness(), images) == labels]
+    fixed = summarize_fixed(
+        store,
+        fixed_keys,
+        model="b",
+        indices=range(40),
+        clean_correct=clean_correct,
+        norm="linf",
+        epsilon=0.1,
+    )
+    assert fixed.robust_accuracy == pytest.approx(minimal.attacks["fgsm"].accuracy)
+    assert fixed.broken_by.count("clean") == 3
+    assert 0 < fixed.robust_accuracy < fixed.clean_accuracy
+
+
+def test_fixed_mode_attacks_only_what_is_still_robust(tmp_path: Path) -> None:
+    images, labels = _data()
+    store = ResultStore(tmp_path)
+    keys = run_fixed(
+        Brightness(),
+        images,
+        labels,
+        _suite("fgsm", "l2-deepfool", "linf-pgd"),
+        store,
+        model_name="b",
+        norm="linf",
+        epsilon=0.1,
+        batch_size=50,
+        progress=False,
+    )
+    first, second = (store.get(key) for key in keys)
+    assert first is not None and second is not None
+    assert second["attack"] == "linf-pgd"  # the L2 attack is not part of an L-inf evaluation
+    survivors = [i for i, b in zip(first["indices"], first["broken"], strict=True) if not b]
+    assert second["indices"] == survivors
 
 
 class _LyingAttack:
-    """Claims success with adversarials far outside the budget and with values out of [0, 1]."""
+    """Claims success with adversarials outside the budget and outside [0, 1]."""
 
     def __call__(
-        self, model: Any, images: torch.Tensor, labels: torch.Tensor, *, epsilons: list[float]
-    ) -> tuple[Any, list[torch.Tensor], torch.Tensor]:
-        fake = [1.0 - images + 0.5 for _ in epsilons]
+        self,
+        model: Any,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        epsilons: list[float | None],
+        **_: Any,
+    ) -> tuple[Any, Any, torch.Tensor]:
+        fake = [1.5 - images for _ in epsilons]
         return fake, fake, torch.ones(len(epsilons), images.shape[0], dtype=torch.bool)
 
 
-def test_adversarials_are_rechecked_not_trusted() -> None:
+def test_adversarials_are_rechecked_not_trusted(tmp_path: Path) -> None:
     images, labels = _data()
-    entry = AttackEntry("liar", "linf", _LyingAttack, MappingProxyType({}), "test double")
-    outcome = evaluate_attack(Brightness(), images, labels, entry, [0.01], progress=False)
-    assert outcome.accuracy_at(0.01) == pytest.approx(37 / 40)
-    with pytest.raises(InputError, match="not in this outcome's grid"):
-        outcome.accuracy_at(0.3)
+    liar = AttackEntry("liar", "linf", _LyingAttack, MappingProxyType({}), "test double")
+    store = ResultStore(tmp_path)
+    keys = run_fixed(
+        Brightness(),
+        images,
+        labels,
+        AttackSuite("t", "1", (liar,), "t"),
+        store,
+        model_name="b",
+        norm="linf",
+        epsilon=0.01,
+        progress=False,
+    )
+    record = store.get(keys[0])
+    assert record is not None and not any(record["broken"])
 
 
-def test_bad_epsilons_and_inputs() -> None:
+def test_bad_arguments(tmp_path: Path) -> None:
     images, labels = _data()
-    with pytest.raises(InputError, match="epsilons"):
-        evaluate_attack(Brightness(), images, labels, get_attack("fgsm"), [], progress=False)
+    store = ResultStore(tmp_path)
+    with pytest.raises(InputError, match="no threshold given for norm"):
+        run_minimal(
+            Brightness(),
+            images,
+            labels,
+            QUICKISH,
+            store,
+            model_name="b",
+            thresholds={"l2": 1.5},
+            progress=False,
+        )
     with pytest.raises(InputError, match="labels has 39 entries"):
-        evaluate_attack(Brightness(), images, labels[1:], get_attack("fgsm"), [0.1], progress=False)
-    with pytest.raises(InputError, match="unknown attack 'nope'"):
-        get_attack("nope")
+        run_minimal(
+            Brightness(),
+            images,
+            labels[1:],
+            QUICKISH,
+            store,
+            model_name="b",
+            thresholds=THRESHOLDS,
+            progress=False,
+        )
+    with pytest.raises(InputError, match="has no l1 attack"):
+        run_fixed(
+            Brightness(),
+            images,
+            labels,
+            QUICKISH,
+            store,
+            model_name="b",
+            norm="l1",
+            epsilon=1.0,
+            progress=False,
+        )
+    with pytest.raises(InputError, match="exceeds the 40 samples"):
+        first_indices(41, 40)
+    indices_file = tmp_path / "indices.txt"
+    indices_file.write_text("3\n1\n2\n")
+    assert first_indices(2, 40, indices_file) == (3, 1)
+    indices_file.write_text("[1, 1]")
+    with pytest.raises(InputError, match="distinct"):
+        first_indices(2, 40, indices_file)
+
+
+class _Binarized(Brightness):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward((images > 0.5).float())
+
+
+class _Noisy(Brightness):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images) + torch.randn(images.shape[0], 2)
+
+
+class _Softmax(Brightness):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return super().forward(images).softmax(1)
+
+
+def test_sanity_flags() -> None:
+    images, labels = _data()
+    assert model_flags(Brightness().eval(), images, labels) == []
+    assert any("training mode" in f for f in model_flags(Brightness().train(), images, labels))
+    assert any("zero input gradients" in f for f in model_flags(_Binarized(), images, labels))
+    assert any("randomized output" in f for f in model_flags(_Noisy(), images, labels))
+    assert any("probabilities" in f for f in model_flags(_Softmax(), images, labels))
 
 
 def test_wilson_interval() -> None:
@@ -125,36 +395,67 @@ def test_wilson_interval() -> None:
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
 
 
-def test_record_report_and_plot(tmp_path: Path) -> None:
-    images, labels = _data()
-    record = evaluate_model(
-        Brightness(),
-        images,
-        labels,
-        ["fgsm", "l2-pgd"],
-        model_name="bright",
+def _config(mode: str = "minimal", **extra: Any) -> RunConfig:
+    return RunConfig(
         dataset="mnist-sample",
         split="test",
-        seed=0,
-        epsilons={"linf": 0.2},
+        indices=tuple(range(40)),
+        suite="test",
+        suite_version="1",
+        mode=mode,  # type: ignore[arg-type]
+        thresholds=THRESHOLDS,
+        batch_size=20,
+        grid_points=3,
+        **extra,
+    )
+
+
+def test_run_report_formats_and_plot(tmp_path: Path) -> None:
+    images, labels = _data()
+    models = {"bright": Brightness().eval(), "binary": _Binarized().eval()}
+    run = evaluate_models(
+        models, images, labels, DETERMINISTIC, _config(), tmp_path / "run", progress=False
+    )
+    assert report_json([load_run(tmp_path / "run")]) == report_json([run])
+    document = report_json([run])
+    assert {"dataset", "n", "seed", "suite", "models"} <= set(document)
+    bright = document["models"]["bright"]
+    assert set(bright) >= {"clean_accuracy", "attacks", "norms", "minimal_accuracy", "flags"}
+    assert set(bright["norms"]) == {"L2", "Linf"}
+    assert set(bright["attacks"]["fgsm"]) >= {"norm", "threshold", "accuracy", "median_distance"}
+    assert bright["flags"] == []
+    assert any("zero input gradients" in flag for flag in document["models"]["binary"]["flags"])
+    markdown = render([run], "md")
+    assert "| clean accuracy | 92.5% [" in markdown
+    assert markdown.index("**L2 attacks**") < markdown.index("**Linf attacks**")
+    assert "all L2 attacks: median / accuracy" in markdown and "minimal accuracy" in markdown
+    assert "n = 40, seed = 0" in markdown
+    assert render([run], "csv").splitlines()[0] == ",bright,binary"
+    assert "<table>" in render([run], "html")
+    with pytest.raises(InputError, match="unknown format"):
+        render([run], "pdf")
+    plot = plot_accuracy_curves([run], tmp_path / "plot.png")
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fixed = evaluate_models(
+        {"bright": Brightness().eval()},
+        images,
+        labels,
+        DETERMINISTIC,
+        _config("fixed", norm="linf", epsilon=0.1),
+        tmp_path / "fixed",
         progress=False,
     )
-    assert record.attacks["fgsm"].epsilon == 0.2
-    assert record.attacks["l2-pgd"].epsilon == 1.5
-    assert record.attacks["fgsm"].curve[0][1] == pytest.approx(record.clean_accuracy)
-    write_record(record, tmp_path / "run")
-    again = read_record(tmp_path / "run")
-    assert again == record
-    markdown = render([record, again], "md")
-    assert "| clean accuracy | 92.5% [" in markdown
-    assert markdown.index("fgsm (linf") > markdown.index("l2-pgd (l2")  # grouped by norm
-    assert "n=40, seed=0" in markdown
-    rows = render([record], "csv").splitlines()
-    assert rows[0] == "row,model,accuracy,ci95_low,ci95_high,n"
-    assert rows[1].startswith("clean accuracy,bright,0.925000,0.80")
-    assert json.loads(render([record], "json"))["bright"]["clean_accuracy"] == 0.925
-    assert "<table" in render([record], "html")
-    with pytest.raises(InputError, match="unknown format"):
-        render([record], "pdf")
-    plot = plot_accuracy_curves([record], tmp_path / "plot.png")
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "robust accuracy" in render([fixed], "md")
+    with pytest.raises(InputError, match="cannot mix"):
+        render([run, fixed], "md")
+    with pytest.raises(UserError, match="not an evaluation run"):
+        load_run(tmp_path)
+
+
+def test_model_fingerprint_tracks_weights() -> None:
+    model = Brightness()
+    before = model_fingerprint(model)
+    assert model_fingerprint(Brightness()) == before
+    with torch.no_grad():
+        model.scale.add_(1)
+    assert model_fingerprint(model) != before

@@ -14,18 +14,21 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from advdefense import __version__
-from advdefense.attacks.catalog import ATTACKS, DEMO_ATTACKS, get_attack
-from advdefense.attacks.norms import NORMS, Norm
+from advdefense.attacks.norms import NORM_ALIASES, default_threshold
+from advdefense.attacks.suites import SUITES, AttackSuite, get_suite
 from advdefense.data import DATASETS, load_dataset, verify_datasets
 from advdefense.devices import DEVICE_CHOICES, resolve_device
 from advdefense.errors import InputError, UserError
-from advdefense.evaluation.record import evaluate_model, read_record, write_record
-from advdefense.evaluation.report import FORMATS, plot_accuracy_curves, render
+from advdefense.evaluation.report import FORMATS, plot_accuracy_curves, render, write_reports
 from advdefense.evaluation.robustness import clean_accuracy
+from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
 from advdefense.io import load, load_config, save
 from advdefense.registry import get_architecture
 from advdefense.training.loop import TrainingConfig, train_classifier
+from advdefense.validation import check_positive_int
 
 __all__ = ["main"]
 
@@ -111,33 +114,59 @@ def _build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser(
         "evaluate",
-        help="clean and robust accuracy of a saved model",
-        description="Evaluate a saved model on the first N test samples: clean accuracy, then "
-        "each attack on an epsilon grid up to the threshold. Writes results.json, "
-        "results.md and accuracy_vs_epsilon.png to --out.",
+        help="robustness of saved models under an attack suite (resumable)",
+        description="Evaluate saved models on the first N samples of a split (or --indices). "
+        "minimal mode: every attack of the suite looks for the smallest adversarial per sample "
+        "(accuracy at each norm's threshold, per-norm worst case, median distance). fixed mode: "
+        "one norm and epsilon, attacks in order on the samples still robust. Results are "
+        "appended to --out as they are computed; rerunning the same command skips finished "
+        "work. Writes report.md, report.json and accuracy_vs_epsilon.png to --out.",
     )
-    evaluate.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="saved model")
+    evaluate.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="saved model directory (repeatable)",
+    )
     evaluate.add_argument(
         "--dataset",
         choices=sorted(DATASETS),
-        help="dataset (default: the one the model was trained on)",
+        help="dataset (default: the one the first model was trained on)",
     )
     evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
     evaluate.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
     evaluate.add_argument(
-        "--attacks",
-        default=",".join(DEMO_ATTACKS),
-        help=f"comma-separated attack ids (default: {','.join(DEMO_ATTACKS)}); "
-        f"known: {', '.join(sorted(ATTACKS))}",
+        "--indices",
+        type=Path,
+        metavar="FILE",
+        help="sample indices to use (JSON list or one per line)",
     )
     evaluate.add_argument(
-        "--epsilon",
+        "--suite", default="quick", choices=sorted(SUITES), help="attack suite (default: quick)"
+    )
+    evaluate.add_argument(
+        "--mode", default="minimal", choices=("minimal", "fixed"), help="minimal (default) or fixed"
+    )
+    evaluate.add_argument("--norm", choices=sorted(NORM_ALIASES), help="fixed mode: the norm")
+    evaluate.add_argument("--eps", type=float, help="fixed mode: the epsilon")
+    evaluate.add_argument(
+        "--threshold",
         action="append",
         default=[],
         metavar="NORM=VALUE",
-        help="override a threshold, e.g. --epsilon linf=0.1 (repeatable)",
+        help="override a reporting threshold, e.g. --threshold Linf=0.1 (repeatable); defaults "
+        "per dataset: MNIST-like L0 12, L1 8, L2 1.5, Linf 0.3; CIFAR-like L2 0.5, Linf 8/255",
     )
-    evaluate.add_argument("--batch-size", type=int, default=200, help="attack batch size")
+    evaluate.add_argument(
+        "--grid-points",
+        type=int,
+        default=8,
+        help="epsilons per fixed-epsilon attack in minimal mode (default: 8)",
+    )
+    evaluate.add_argument("--batch-size", type=int, default=100, help="attack batch size")
     evaluate.add_argument("--data-root", type=Path, help="a data directory searched first")
     _common(evaluate, out_default="runs/evaluate")
     evaluate.set_defaults(handler=_evaluate)
@@ -145,8 +174,9 @@ def _build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report",
         help="render evaluation runs as one table",
-        description="Render the results.json of one or more runs as a table (one column per "
-        "model, one row per attack) with 95%% Wilson intervals, and optionally a plot.",
+        description="Render one or more evaluation runs side by side (one column per model, "
+        "attacks grouped by norm, the DIM paper's Table 1 layout) with 95%% Wilson intervals, "
+        "sanity flags and timings; optionally an accuracy-vs-epsilon plot.",
     )
     report.add_argument(
         "runs", metavar="RUN", nargs="+", type=Path, help="run directories or results.json files"
@@ -241,57 +271,81 @@ def _train(args: argparse.Namespace) -> None:
     )
 
 
-def _parse_epsilons(values: Sequence[str]) -> dict[Norm, float]:
-    epsilons: dict[Norm, float] = {}
+def _parse_thresholds(values: Sequence[str], dataset: str, suite: AttackSuite) -> dict[str, float]:
+    thresholds: dict[str, float] = {}
     for value in values:
-        norm, _, number = value.partition("=")
-        if norm not in NORMS or not number:
+        name, _, number = value.partition("=")
+        norm = NORM_ALIASES.get(name.strip())
+        if norm is None or not number:
             raise InputError(
-                f"--epsilon expects NORM=VALUE with NORM in {', '.join(NORMS)}, got {value!r}"
+                f"--threshold expects NORM=VALUE with NORM in "
+                f"{', '.join(sorted(NORM_ALIASES))}, got {value!r}"
             )
         try:
-            epsilons[norm] = float(number)
+            thresholds[norm] = float(number)
         except ValueError:
-            raise InputError(f"--epsilon {value!r}: {number!r} is not a number") from None
-    return epsilons
+            raise InputError(f"--threshold {value!r}: {number!r} is not a number") from None
+    for norm in suite.norms():
+        if norm not in thresholds:
+            thresholds[norm] = default_threshold(dataset, norm)
+    return thresholds
+
+
+def _model_names(directories: Sequence[Path]) -> list[str]:
+    names: list[str] = []
+    for directory in directories:
+        name = directory.resolve().name
+        names.append(name if name not in names else f"{name}-{len(names) + 1}")
+    return names
 
 
 def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
-    attack_ids = [a.strip() for a in args.attacks.split(",") if a.strip()]
-    for attack_id in attack_ids:
-        get_attack(attack_id)
-    epsilons = _parse_epsilons(args.epsilon)
-    model = load(args.model_dir, device=device)
-    dataset = args.dataset or load_config(args.model_dir).get("dataset")
+    suite = get_suite(args.suite)
+    check_positive_int(args.n, "--n")
+    if args.mode == "fixed" and (args.norm is None or args.eps is None):
+        raise InputError("--mode fixed needs --norm and --eps, e.g. --norm L2 --eps 1.5")
+    models = {
+        name: load(directory, device=device)
+        for name, directory in zip(_model_names(args.models), args.models, strict=True)
+    }
+    dataset = args.dataset or load_config(args.models[0]).get("dataset")
     if dataset is None:
-        raise UserError(f"{args.model_dir} records no dataset; pass --dataset")
+        raise UserError(f"{args.models[0]} records no dataset; pass --dataset")
     images, labels = load_dataset(dataset, args.split, args.data_root)
-    images, labels = images[: args.n], labels[: args.n]
-    record = evaluate_model(
-        model,
-        images,
-        labels,
-        attack_ids,
-        model_name=args.model_dir.name,
+    indices = first_indices(args.n, images.shape[0], args.indices)
+    selection = torch.tensor(indices)
+    config = RunConfig(
         dataset=dataset,
         split=args.split,
+        indices=indices,
+        suite=suite.name,
+        suite_version=suite.version,
+        mode=args.mode,
+        thresholds=_parse_thresholds(args.threshold, dataset, suite),
         seed=args.seed,
-        epsilons=epsilons,
         batch_size=args.batch_size,
+        grid_points=args.grid_points,
+        norm=NORM_ALIASES[args.norm] if args.norm else None,
+        epsilon=args.eps,
+    )
+    run = evaluate_models(
+        models,
+        images[selection],
+        labels[selection],
+        suite,
+        config,
+        args.out,
         progress=not args.quiet,
     )
-    write_record(record, args.out)
-    table = render([record], "md")
-    (args.out / "results.md").write_text(table)
-    plot_accuracy_curves([record], args.out / "accuracy_vs_epsilon.png")
-    print(table)
-    print(f"wrote {args.out}/results.json, results.md and accuracy_vs_epsilon.png")
+    files = write_reports(run)
+    print(files["md"].read_text())
+    print(f"wrote {', '.join(str(path) for path in files.values())}")
 
 
 def _report(args: argparse.Namespace) -> None:
-    records = [read_record(run) for run in args.runs]
-    text = render(records, args.format)
+    runs = [load_run(run) for run in args.runs]
+    text = render(runs, args.format)
     if args.out is None:
         print(text, end="")
     else:
@@ -299,7 +353,7 @@ def _report(args: argparse.Namespace) -> None:
         args.out.write_text(text)
         print(f"wrote {args.out}")
     if args.plot is not None:
-        plot_accuracy_curves(records, args.plot)
+        plot_accuracy_curves(runs, args.plot)
         print(f"wrote {args.plot}")
 
 
@@ -367,7 +421,7 @@ def _demo(args: argparse.Namespace) -> None:
         )
     )
     print(result.table)
-    print(f"model: {result.model_dir}  table: {result.table_path}  plot: {result.plot_path}")
+    print(f"model: {result.model_dir}  report: {', '.join(str(p) for p in result.files.values())}")
     print(f"demo finished in {result.seconds:.0f} s")
 
 

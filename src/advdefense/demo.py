@@ -2,30 +2,38 @@
 
 It grows as defenses land. Today: the CNN trained on ``mnist-sample`` (4,000 real MNIST digits),
 then clean accuracy and FGSM, L-inf PGD (0.3), L2 PGD and L2 DeepFool (1.5) on the first ``n``
-test digits, each on an epsilon grid up to the threshold.
+test digits, in the harness's minimal mode (fixed-epsilon attacks on a 4-point grid).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from advdefense.attacks.catalog import DEMO_ATTACKS
+from advdefense.attacks.catalog import DEMO_ATTACKS, get_attack
+from advdefense.attacks.norms import default_threshold
+from advdefense.attacks.suites import AttackSuite
 from advdefense.data import load_dataset
 from advdefense.devices import seed_everything
-from advdefense.evaluation.record import EvaluationRecord, evaluate_model, write_record
-from advdefense.evaluation.report import plot_accuracy_curves, render
+from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
+from advdefense.evaluation.run import RunConfig, RunResult, evaluate_models
 from advdefense.io import save
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.training.loop import TrainingConfig, train_classifier
 from advdefense.validation import check_positive_int
 
-__all__ = ["DemoOptions", "DemoResult", "run_demo"]
+__all__ = ["DEMO_SUITE", "DemoOptions", "DemoResult", "run_demo"]
+
+DEMO_SUITE = AttackSuite(
+    name="demo",
+    version="1",
+    entries=tuple(get_attack(attack_id) for attack_id in DEMO_ATTACKS),
+    description="FGSM and L-inf PGD at 0.3, L2 PGD and L2 DeepFool at 1.5 (Foolbox defaults)",
+)
 
 
 @dataclass(frozen=True)
@@ -36,22 +44,20 @@ class DemoOptions:
     dataset: str = "mnist-sample"
     epochs: int = 8
     n: int = 200
-    attacks: Sequence[str] = DEMO_ATTACKS
     seed: int = 0
+    grid_points: int = 4
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
 
 
 @dataclass(frozen=True)
 class DemoResult:
-    """Where the demo wrote its files, its record and how long it took."""
+    """Where the demo wrote its files, its run and how long it took."""
 
-    record: EvaluationRecord
+    run: RunResult
     table: str
     model_dir: Path
-    results_path: Path
-    table_path: Path
-    plot_path: Path
+    files: dict[str, Path]
     seconds: float
 
 
@@ -86,28 +92,26 @@ def run_demo(options: DemoOptions) -> DemoResult:
             "test_samples": options.n,
         },
     )
-    record = evaluate_model(
-        model,
-        test_images,
-        test_labels,
-        list(options.attacks),
-        model_name="cnn",
+    config = RunConfig(
         dataset=options.dataset,
         split="test",
+        indices=tuple(range(options.n)),
+        suite=DEMO_SUITE.name,
+        suite_version=DEMO_SUITE.version,
+        mode="minimal",
+        thresholds={norm: default_threshold(options.dataset, norm) for norm in DEMO_SUITE.norms()},
         seed=options.seed,
+        batch_size=options.n,
+        grid_points=options.grid_points,
+    )
+    run = evaluate_models(
+        {"cnn": model},
+        test_images,
+        test_labels,
+        DEMO_SUITE,
+        config,
+        options.out / "run",
         progress=options.progress,
     )
-    results_path = write_record(record, options.out)
-    table = render([record], "md")
-    table_path = options.out / "results.md"
-    table_path.write_text(table)
-    plot_path = plot_accuracy_curves([record], options.out / "accuracy_vs_epsilon.png")
-    return DemoResult(
-        record,
-        table,
-        model_dir,
-        results_path,
-        table_path,
-        plot_path,
-        time.perf_counter() - started,
-    )
+    files = write_reports(run)
+    return DemoResult(run, files["md"].read_text(), model_dir, files, time.perf_counter() - started)

@@ -8,10 +8,17 @@ import torch
 
 from advdefense.errors import InputError
 
-__all__ = ["NORMS", "Norm", "default_threshold", "perturbation_norm"]
+__all__ = ["NORMS", "NORM_ALIASES", "Norm", "default_threshold", "perturbation_norm"]
 
 Norm = Literal["l0", "l1", "l2", "linf"]
 NORMS: tuple[Norm, ...] = ("l0", "l1", "l2", "linf")
+NORM_ALIASES: dict[str, Norm] = {
+    **{norm: norm for norm in NORMS},
+    "L0": "l0",
+    "L1": "l1",
+    "L2": "l2",
+    "Linf": "linf",
+}
 
 _MNIST_LIKE = ("mnist", "mnist-sample", "fashion-mnist")
 _CIFAR_LIKE = ("cifar10", "cifar100", "svhn")

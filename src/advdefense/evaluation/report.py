@@ -1,7 +1,9 @@
-"""Render evaluation records as Markdown, CSV, JSON or HTML tables, and plot their curves.
+"""Render evaluation runs as Markdown, CSV, JSON or HTML, and plot accuracy against epsilon.
 
-Layout follows the DIM paper's Table 1: one row per attack grouped by norm, one column per
-model, each cell the accuracy at the threshold, with the clean accuracy first.
+The minimal-mode table follows the DIM paper's Table 1: rows are attacks grouped by norm,
+columns are models, cells the accuracy at the norm's threshold with a 95% Wilson interval; per
+norm a worst-case row "median / accuracy"; the last row is the minimal accuracy across attacks.
+The JSON layout is documented in docs/report-format.md.
 """
 
 from __future__ import annotations
@@ -10,148 +12,328 @@ import csv
 import html
 import io
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError
 from advdefense.evaluation.metrics import wilson_interval
-from advdefense.evaluation.record import EvaluationRecord
+from advdefense.evaluation.run import RunResult
+from advdefense.evaluation.summary import FixedSummary, ModelSummary, NormResult
 
-__all__ = ["FORMATS", "plot_accuracy_curves", "render"]
+__all__ = [
+    "FORMATS",
+    "NORM_NAMES",
+    "plot_accuracy_curves",
+    "render",
+    "report_json",
+    "write_reports",
+]
 
 FORMATS = ("md", "csv", "json", "html")
+NORM_NAMES: dict[Norm, str] = {"l0": "L0", "l1": "L1", "l2": "L2", "linf": "Linf"}
+Row = tuple[str, list[str]]
 
 
-Cell = tuple[float, int, int] | None  # (accuracy, robust count, n), None when not run
-
-
-def _rows(records: Sequence[EvaluationRecord]) -> list[tuple[str, list[Cell]]]:
-    """(row label, one cell per model) for the clean row and every attack, grouped by norm."""
-    clean: list[Cell] = [
-        (record.clean_accuracy, round(record.clean_accuracy * record.n), record.n)
-        for record in records
-    ]
-    rows: list[tuple[str, list[Cell]]] = [("clean accuracy", clean)]
-    attack_ids: dict[str, tuple[Norm, float]] = {}
-    for record in records:
-        for attack_id, summary in record.attacks.items():
-            attack_ids.setdefault(attack_id, (summary.norm, summary.epsilon))
-    for attack_id in sorted(attack_ids, key=lambda a: NORMS.index(attack_ids[a][0])):
-        norm, epsilon = attack_ids[attack_id]
-        cells: list[Cell] = []
-        for record in records:
-            found = record.attacks.get(attack_id)
-            cells.append(None if found is None else (found.accuracy, found.robust, record.n))
-        rows.append((f"{attack_id} ({norm}, ε={epsilon:g})", cells))
-    return rows
-
-
-def _format_cell(cell: Cell) -> str:
-    if cell is None:
+def _percent(accuracy: float, n: int) -> str:
+    if math.isnan(accuracy):
         return "—"
-    accuracy, successes, total = cell
-    low, high = wilson_interval(successes, total)
+    low, high = wilson_interval(round(accuracy * n), n)
     return f"{100 * accuracy:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
 
 
-def render(records: Sequence[EvaluationRecord], output_format: str) -> str:
-    """The records as one table in ``output_format`` (md, csv, json or html)."""
-    if not records:
-        raise InputError("nothing to report: pass at least one run directory")
+def _distance(value: float) -> str:
+    return "∞" if math.isinf(value) else "—" if math.isnan(value) else f"{value:.3g}"
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _models(runs: Sequence[RunResult]) -> list[tuple[RunResult, ModelSummary | FixedSummary]]:
+    pairs = [(run, summary) for run in runs for summary in run.summaries]
+    if not pairs:
+        raise InputError("nothing to report: the runs hold no evaluated model")
+    modes = {run.config.mode for run in runs}
+    if len(modes) > 1:
+        raise InputError("cannot mix minimal-mode and fixed-mode runs in one table")
+    return pairs
+
+
+def _worst_case_cell(worst: NormResult | None, n: int) -> str:
+    if worst is None:
+        return "—"
+    return f"{_distance(worst.median_distance)} / {_percent(worst.accuracy, n)}"
+
+
+def _minimal_rows(pairs: list[tuple[RunResult, ModelSummary]]) -> list[Row]:
+    rows: list[Row] = [("clean accuracy", [_percent(s.clean_accuracy, s.n) for _, s in pairs])]
+    order: dict[str, tuple[Norm, float]] = {}
+    for _, summary in pairs:
+        for attack_result in summary.attacks.values():
+            order.setdefault(attack_result.attack_id, (attack_result.norm, attack_result.threshold))
+    for norm in NORMS:
+        ids = [attack_id for attack_id, (n, _) in order.items() if n == norm]
+        if not ids:
+            continue
+        threshold = order[ids[0]][1]
+        rows.append((f"**{NORM_NAMES[norm]} attacks** (ε = {threshold:g})", ["" for _ in pairs]))
+        for attack_id in ids:
+            cells = []
+            for _, summary in pairs:
+                attack = summary.attacks.get(attack_id)
+                cells.append("—" if attack is None else _percent(attack.accuracy, summary.n))
+            rows.append((attack_id, cells))
+        cells = []
+        for _, summary in pairs:
+            worst = summary.norms.get(norm)
+            cells.append(_worst_case_cell(worst, summary.n))
+        rows.append((f"all {NORM_NAMES[norm]} attacks: median / accuracy", cells))
+    rows.append(("minimal accuracy", [_percent(s.minimal_accuracy, s.n) for _, s in pairs]))
+    return rows
+
+
+def _fixed_rows(pairs: list[tuple[RunResult, FixedSummary]]) -> list[Row]:
+    rows: list[Row] = [
+        ("clean accuracy", [_percent(s.clean_accuracy, s.n) for _, s in pairs]),
+        ("robust accuracy", [_percent(s.robust_accuracy, s.n) for _, s in pairs]),
+    ]
+    attack_ids = list(dict.fromkeys(a for _, s in pairs for a in s.seconds_by_attack))
+    for attack_id in attack_ids:
+        rows.append(
+            (f"broken by {attack_id}", [str(s.broken_by.count(attack_id)) for _, s in pairs])
+        )
+    return rows
+
+
+def _rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
+    if isinstance(pairs[0][1], ModelSummary):
+        return _minimal_rows(pairs)  # type: ignore[arg-type]
+    return _fixed_rows(pairs)  # type: ignore[arg-type]
+
+
+def _timing_rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
+    rows: list[Row] = []
+    seen: list[str] = []
+    for _, summary in pairs:
+        names = summary.attacks if isinstance(summary, ModelSummary) else summary.seconds_by_attack
+        seen.extend(a for a in names if a not in seen)
+    for attack_id in seen:
+        cells = []
+        for _, summary in pairs:
+            if isinstance(summary, ModelSummary) and attack_id in summary.attacks:
+                attack = summary.attacks[attack_id]
+                cells.append(
+                    f"{attack.seconds:.1f} s ({attack.forward_calls} fwd, "
+                    f"{attack.backward_calls} bwd)"
+                )
+            elif isinstance(summary, FixedSummary) and attack_id in summary.seconds_by_attack:
+                cells.append(f"{summary.seconds_by_attack[attack_id]:.1f} s")
+            else:
+                cells.append("—")
+        rows.append((attack_id, cells))
+    return rows
+
+
+def _footer(runs: Sequence[RunResult]) -> list[str]:
+    lines = []
+    for run in runs:
+        config = run.config
+        versions = run.provenance.get("versions", {})
+        mode = (
+            config.mode
+            if config.mode == "minimal"
+            else (
+                f"fixed, {NORM_NAMES[config.norm] if config.norm else '?'} ε = {config.epsilon:g}"
+            )
+        )
+        lines.append(
+            f"{run.directory}: {config.dataset}/{config.split}, n = {config.n}, seed = "
+            f"{config.seed}, suite {config.suite} v{config.suite_version}, mode {mode}, "
+            f"torch {versions.get('torch')}, foolbox {versions.get('foolbox')}, "
+            f"advdefense {versions.get('advdefense')} ({run.provenance.get('git_commit')})"
+        )
+    return lines
+
+
+def _flags(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[str]:
+    lines: list[str] = []
+    for _, summary in pairs:
+        flags = summary.flags if isinstance(summary, ModelSummary) else []
+        lines.extend(f"{summary.model}: {flag}" for flag in flags)
+    return lines
+
+
+def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
+    """The JSON form (docs/report-format.md): run metadata and, per model name, its numbers."""
+    pairs = _models(runs)
+    first = runs[0].config
+    models: dict[str, Any] = {}
+    for run, summary in pairs:
+        if isinstance(summary, ModelSummary):
+            models[summary.model] = {
+                "clean_accuracy": summary.clean_accuracy,
+                "attacks": {
+                    a.attack_id: {
+                        "norm": NORM_NAMES[a.norm],
+                        "threshold": a.threshold,
+                        "accuracy": a.accuracy,
+                        "median_distance": _finite(a.median_distance),
+                        "seconds": a.seconds,
+                        "forward_calls": a.forward_calls,
+                        "backward_calls": a.backward_calls,
+                    }
+                    for a in summary.attacks.values()
+                },
+                "norms": {
+                    NORM_NAMES[norm]: {
+                        "threshold": r.threshold,
+                        "accuracy": r.accuracy,
+                        "median_distance": _finite(r.median_distance),
+                    }
+                    for norm, r in summary.norms.items()
+                },
+                "minimal_accuracy": summary.minimal_accuracy,
+                "flags": list(summary.flags),
+                "run": str(run.directory),
+            }
+        else:
+            models[summary.model] = {
+                "clean_accuracy": summary.clean_accuracy,
+                "norm": NORM_NAMES[summary.norm],
+                "epsilon": summary.epsilon,
+                "robust_accuracy": summary.robust_accuracy,
+                "broken_by": {a: summary.broken_by.count(a) for a in summary.seconds_by_attack},
+                "seconds": summary.seconds_by_attack,
+                "flags": [],
+                "run": str(run.directory),
+            }
+    return {
+        "dataset": first.dataset,
+        "split": first.split,
+        "n": first.n,
+        "seed": first.seed,
+        "suite": first.suite,
+        "suite_version": first.suite_version,
+        "mode": first.mode,
+        "versions": runs[0].provenance.get("versions", {}),
+        "models": models,
+    }
+
+
+def render(runs: Sequence[RunResult], output_format: str) -> str:
+    """All models of ``runs`` side by side in ``output_format`` (md, csv, json or html)."""
     if output_format not in FORMATS:
         raise InputError(f"unknown format {output_format!r}; choose one of {', '.join(FORMATS)}")
+    if not runs:
+        raise InputError("nothing to report: pass at least one run directory")
     if output_format == "json":
-        return json.dumps({record.model: record.to_json() for record in records}, indent=2) + "\n"
-    header = ["", *(record.model for record in records)]
-    rows = _rows(records)
+        return json.dumps(report_json(runs), indent=2) + "\n"
+    pairs = _models(runs)
+    header = ["", *(summary.model for _, summary in pairs)]
+    rows = _rows(pairs)
     if output_format == "csv":
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(["row", "model", "accuracy", "ci95_low", "ci95_high", "n"])
-        for label, cells in rows:
-            for record, cell in zip(records, cells, strict=True):
-                if cell is not None:
-                    low, high = wilson_interval(cell[1], cell[2])
-                    writer.writerow(
-                        [
-                            label,
-                            record.model,
-                            f"{cell[0]:.6f}",
-                            f"{low:.6f}",
-                            f"{high:.6f}",
-                            cell[2],
-                        ]
-                    )
+        writer.writerow(header)
+        writer.writerows([label, *cells] for label, cells in rows)
         return buffer.getvalue()
-    footer = _footer(records)
+    timing, footer, flags = _timing_rows(pairs), _footer(runs), _flags(pairs)
     if output_format == "md":
-        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += [
-            "| " + " | ".join([label, *map(_format_cell, cells)]) + " |" for label, cells in rows
-        ]
-        return "\n".join([*lines, "", footer, ""])
+        return "\n".join(
+            [
+                *_markdown_table(header, rows),
+                "",
+                "Cells: accuracy at the threshold [95% Wilson interval]; median distances over "
+                "all samples (0 = misclassified clean, ∞ = never broken).",
+                "",
+                "Flags: " + ("none" if not flags else ""),
+                *(f"- {flag}" for flag in flags),
+                "",
+                "Wall time per attack (forward/backward passes):",
+                "",
+                *_markdown_table(["attack", *header[1:]], timing),
+                "",
+                *(f"- {line}" for line in footer),
+                "",
+            ]
+        )
+    return _html(header, rows, timing, flags, footer)
+
+
+def _markdown_table(header: list[str], rows: list[Row]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines.extend("| " + " | ".join([label, *cells]) + " |" for label, cells in rows)
+    return lines
+
+
+def _html_table(header: list[str], rows: list[Row]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr><th>"
-        + html.escape(label)
-        + "</th>"
-        + "".join(f"<td>{html.escape(_format_cell(cell))}</td>" for cell in cells)
+        f"<tr><th>{html.escape(label.replace('**', ''))}</th>"
+        + "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
         + "</tr>"
         for label, cells in rows
     )
-    head = "".join(f"<th>{html.escape(name)}</th>" for name in header)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _html(
+    header: list[str], rows: list[Row], timing: list[Row], flags: list[str], footer: list[str]
+) -> str:
+    items = "".join(f"<li>{html.escape(f)}</li>" for f in flags) or "<li>none</li>"
+    notes = "".join(f"<li>{html.escape(line)}</li>" for line in footer)
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>advdefense report</title>"
-        "</head><body><table border='1'><thead><tr>"
-        + head
-        + "</tr></thead><tbody>"
-        + body
-        + "</tbody></table><p>"
-        + html.escape(footer)
-        + "</p></body></html>\n"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px}"
+        "</style></head><body>"
+        + _html_table(header, rows)
+        + f"<h3>Flags</h3><ul>{items}</ul><h3>Wall time</h3>"
+        + _html_table(["attack", *header[1:]], timing)
+        + f"<ul>{notes}</ul></body></html>\n"
     )
 
 
-def _footer(records: Sequence[EvaluationRecord]) -> str:
-    parts = []
-    for record in records:
-        seconds = sum(summary.seconds for summary in record.attacks.values())
-        versions = record.provenance.get("versions", {})
-        parts.append(
-            f"{record.model}: {record.dataset}/{record.split}, n={record.n}, seed={record.seed}, "
-            f"attack time {seconds:.1f} s, torch {versions.get('torch')}, "
-            f"foolbox {versions.get('foolbox')}"
-        )
-    return "Cells: robust accuracy [95% Wilson interval]. " + "; ".join(parts)
-
-
-def plot_accuracy_curves(records: Sequence[EvaluationRecord], path: Path) -> Path:
-    """Accuracy vs epsilon, one panel per norm, one line per model and attack; saved to ``path``."""
+def plot_accuracy_curves(runs: Sequence[RunResult], path: str | Path) -> Path:
+    """Worst-case accuracy vs epsilon, one panel per norm, one line per model (minimal mode)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    norms = [n for n in NORMS if any(s.norm == n for r in records for s in r.attacks.values())]
-    figure, axes = plt.subplots(
-        1, max(1, len(norms)), figsize=(5 * max(1, len(norms)), 4), squeeze=False
-    )
-    for axis, norm in zip(axes[0], norms, strict=False):
-        for record in records:
-            for attack_id, summary in record.attacks.items():
-                if summary.norm != norm:
-                    continue
-                epsilons, accuracies = zip(*summary.curve, strict=True)
-                label = attack_id if len(records) == 1 else f"{record.model}: {attack_id}"
-                axis.plot(epsilons, [100 * a for a in accuracies], marker="o", label=label)
-        axis.set_title(f"{norm.upper()} attacks")
+    pairs = [(r, s) for r, s in _models(runs) if isinstance(s, ModelSummary)]
+    if not pairs:
+        raise InputError("accuracy-vs-epsilon plots need minimal-mode runs")
+    norms = [n for n in NORMS if any(n in s.norms for _, s in pairs)]
+    figure, axes = plt.subplots(1, len(norms), figsize=(4.5 * len(norms), 3.8), squeeze=False)
+    for axis, norm in zip(axes[0], norms, strict=True):
+        for _, summary in pairs:
+            if norm in summary.norms:
+                result = summary.norms[norm]
+                epsilons, accuracies = zip(*result.curve(), strict=True)
+                axis.plot(epsilons, [100 * a for a in accuracies], label=summary.model)
+                axis.axvline(result.threshold, color="grey", linestyle=":", linewidth=1)
+        axis.set_title(f"all {NORM_NAMES[norm]} attacks")
         axis.set_xlabel("epsilon")
         axis.set_ylabel("accuracy (%)")
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(target, dpi=120)
     plt.close(figure)
-    return path
+    return target
+
+
+def write_reports(run: RunResult) -> dict[str, Path]:
+    """Write ``report.md``, ``report.json`` and (minimal mode) the accuracy plot into the run."""
+    files = {"md": run.directory / "report.md", "json": run.directory / "report.json"}
+    files["md"].write_text(render([run], "md"))
+    files["json"].write_text(render([run], "json"))
+    if run.config.mode == "minimal":
+        files["plot"] = plot_accuracy_curves([run], run.directory / "accuracy_vs_epsilon.png")
+    return files

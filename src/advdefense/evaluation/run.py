@@ -1,0 +1,216 @@
+"""One evaluation run: models x suite on the first n samples of a split, in a run directory.
+
+``RUN/records.jsonl`` and ``RUN/adversarials/`` hold the resumable store; ``RUN/run.json``
+holds the run's configuration, each model's fingerprint, sanity flags and record keys, so
+:func:`load_run` can rebuild every number without the models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from advdefense.attacks.norms import NORM_ALIASES, Norm
+from advdefense.attacks.suites import AttackSuite
+from advdefense.errors import InputError, UserError
+from advdefense.evaluation.robustness import predict
+from advdefense.evaluation.runner import run_fixed, run_minimal
+from advdefense.evaluation.sanity import model_flags, result_flags
+from advdefense.evaluation.store import ResultStore, model_fingerprint
+from advdefense.evaluation.summary import (
+    FixedSummary,
+    ModelSummary,
+    summarize_fixed,
+    summarize_minimal,
+)
+from advdefense.provenance import provenance
+
+__all__ = ["RunConfig", "RunResult", "evaluate_models", "first_indices", "load_run"]
+
+RUN_FILE = "run.json"
+Mode = Literal["minimal", "fixed"]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What was evaluated and how; stored in ``run.json``."""
+
+    dataset: str
+    split: str
+    indices: tuple[int, ...]
+    suite: str
+    suite_version: str
+    mode: Mode
+    thresholds: dict[str, float]
+    seed: int = 0
+    batch_size: int = 100
+    grid_points: int = 8
+    norm: Norm | None = None
+    epsilon: float | None = None
+
+    @property
+    def n(self) -> int:
+        return len(self.indices)
+
+    def norm_thresholds(self) -> dict[Norm, float]:
+        """``thresholds`` keyed by norm (JSON round trips turn the keys into plain strings)."""
+        result: dict[Norm, float] = {}
+        for name, value in self.thresholds.items():
+            if name not in NORM_ALIASES:
+                raise UserError(f"unknown norm {name!r} in the run's thresholds")
+            result[NORM_ALIASES[name]] = float(value)
+        return result
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A run's configuration and, per model, its summary (minimal or fixed mode)."""
+
+    directory: Path
+    config: RunConfig
+    summaries: list[ModelSummary | FixedSummary]
+    provenance: dict[str, Any]
+
+
+def evaluate_models(
+    models: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    config: RunConfig,
+    directory: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+) -> RunResult:
+    """Evaluate every model (resuming finished work in ``directory``); return the summaries."""
+    if not models:
+        raise InputError("models is empty: pass at least one model to evaluate")
+    if len(config.indices) != images.shape[0]:
+        raise InputError(f"config has {config.n} indices but there are {images.shape[0]} images")
+    if config.mode == "fixed" and (config.norm is None or config.epsilon is None):
+        raise InputError("fixed mode needs a norm and an epsilon (e.g. --norm L2 --eps 1.5)")
+    run_dir = Path(directory)
+    store = ResultStore(run_dir)
+    thresholds = config.norm_thresholds()
+    entries: dict[str, Any] = {}
+    for name, model in models.items():
+        flags = model_flags(model, images, labels)
+        if config.mode == "minimal":
+            keys = run_minimal(
+                model,
+                images,
+                labels,
+                suite,
+                store,
+                model_name=name,
+                thresholds=thresholds,
+                indices=config.indices,
+                grid_points=config.grid_points,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                progress=progress,
+            )
+            clean_correct = None
+        else:
+            assert config.norm is not None and config.epsilon is not None
+            keys = run_fixed(
+                model,
+                images,
+                labels,
+                suite,
+                store,
+                model_name=name,
+                norm=config.norm,
+                epsilon=config.epsilon,
+                indices=config.indices,
+                batch_size=config.batch_size,
+                seed=config.seed,
+                progress=progress,
+            )
+            clean_correct = [bool(c) for c in (predict(model, images) == labels)]
+        entries[name] = {
+            "fingerprint": model_fingerprint(model),
+            "flags": flags,
+            "keys": keys,
+            "clean_correct": clean_correct,
+        }
+        _write_run_file(run_dir, config, entries)
+    return load_run(run_dir)
+
+
+def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) -> None:
+    payload = {"config": asdict(config), "models": models, "provenance": provenance()}
+    temporary = run_dir / f".{RUN_FILE}.tmp"
+    temporary.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(temporary, run_dir / RUN_FILE)
+
+
+def load_run(directory: str | os.PathLike[str]) -> RunResult:
+    """Rebuild a run's summaries from ``run.json`` and its record store."""
+    run_dir = Path(directory)
+    run_file = run_dir / RUN_FILE
+    if not run_file.is_file():
+        raise UserError(
+            f"{run_dir} is not an evaluation run (no {RUN_FILE}); run "
+            "`advdefense evaluate --out DIR` first"
+        )
+    try:
+        payload = json.loads(run_file.read_text())
+        raw = payload["config"]
+        config = RunConfig(**{**raw, "indices": tuple(raw["indices"])})
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserError(f"{run_file} is not an advdefense run file ({error})") from None
+    store = ResultStore(run_dir)
+    thresholds = config.norm_thresholds()
+    summaries: list[ModelSummary | FixedSummary] = []
+    for name, entry in payload["models"].items():
+        if config.mode == "minimal":
+            summary = summarize_minimal(
+                store, entry["keys"], model=name, indices=config.indices, thresholds=thresholds
+            )
+            summary.flags.extend([*entry["flags"], *result_flags(summary)])
+            summaries.append(summary)
+        else:
+            assert config.norm is not None and config.epsilon is not None
+            summaries.append(
+                summarize_fixed(
+                    store,
+                    entry["keys"],
+                    model=name,
+                    indices=config.indices,
+                    clean_correct=entry["clean_correct"],
+                    norm=config.norm,
+                    epsilon=config.epsilon,
+                )
+            )
+    return RunResult(run_dir, config, summaries, payload.get("provenance", {}))
+
+
+def first_indices(n: int, available: int, indices_file: Path | None = None) -> tuple[int, ...]:
+    """The first ``n`` sample indices, or those listed in ``indices_file`` (JSON or lines)."""
+    if indices_file is None:
+        if n > available:
+            raise InputError(f"--n {n} exceeds the {available} samples of this split")
+        return tuple(range(n))
+    text = indices_file.read_text()
+    try:
+        values = json.loads(text) if text.lstrip().startswith("[") else text.split()
+        indices = tuple(int(v) for v in values)
+    except (ValueError, json.JSONDecodeError) as error:
+        raise InputError(
+            f"{indices_file}: expected a JSON list or one index per line ({error})"
+        ) from None
+    bad = [i for i in indices if not 0 <= i < available]
+    if bad or not indices or len(set(indices)) != len(indices):
+        raise InputError(
+            f"{indices_file}: indices must be distinct, non-empty, in [0, "
+            f"{available}); bad: {bad[:5]}"
+        )
+    return indices[:n] if n else indices

@@ -1,0 +1,508 @@
+"""The evaluation runner: every attack of a suite on every sample, resumable, re-checked.
+
+Two modes (DESIGN.md §3; AutoAttack's protocol for the second):
+
+* **minimal** — each attack looks for the smallest adversarial it can: Foolbox minimization
+  attacks once, unbounded; fixed-epsilon attacks on a grid of epsilons up to the largest
+  threshold, the smallest success kept. Stored per sample and attack: the distance (0 when the
+  clean sample is already misclassified, +inf when never broken) and the adversarial's label.
+* **fixed** — one norm and epsilon; the attacks run in order on the samples still robust, and
+  each broken sample records the attack that broke it.
+
+Both batch internally, run on the model's device, evaluate in eval mode and give the model
+back in the caller's mode, clip every adversarial to [0, 1], re-check it with a fresh forward
+pass, and count forward/backward calls and wall time per attack and batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from foolbox.models.pytorch import PyTorchModel
+from torch import nn
+from tqdm.auto import tqdm
+
+from advdefense.attacks.catalog import AttackEntry
+from advdefense.attacks.norms import Norm, perturbation_norm
+from advdefense.attacks.starting_points import best_starting_points, run_attack
+from advdefense.attacks.suites import AttackSuite
+from advdefense.errors import InputError
+from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
+from advdefense.modes import device_of, evaluation_mode
+from advdefense.validation import check_images, check_labels, check_positive_int
+
+__all__ = ["CallCounter", "run_fixed", "run_minimal"]
+
+NORM_TOLERANCE = 1e-5
+ProgressFactory = Callable[..., Any]
+
+
+class CallCounter(nn.Module):
+    """Wraps a classifier and counts batched forward and backward passes through it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self.training = model.training  # mirrors the model; never changes it
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        scores: torch.Tensor = self.model(images)
+        if scores.requires_grad:
+            scores.register_hook(self._count_backward)  # type: ignore[no-untyped-call]
+        return scores
+
+    def _count_backward(self, gradient: torch.Tensor) -> None:
+        self.backward_calls += 1
+
+    def reset(self) -> tuple[int, int]:
+        """Return (forward, backward) counts so far and start again from zero."""
+        counts = (self.forward_calls, self.backward_calls)
+        self.forward_calls = self.backward_calls = 0
+        return counts
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What identifies one model's evaluation in the store."""
+
+    model_name: str
+    fingerprint: str
+    defense_config: dict[str, Any]
+    seed: int
+    batch_size: int
+
+
+def _batch_seed(seed: int, attack_id: str, indices: Sequence[int]) -> int:
+    text = f"{seed}:{attack_id}:{indices[0] if indices else -1}:{len(indices)}"
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
+def _context(
+    model: nn.Module, model_name: str, seed: int, batch_size: int, defense_config: dict[str, Any]
+) -> RunContext:
+    return RunContext(model_name, model_fingerprint(model), defense_config, seed, batch_size)
+
+
+def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
+    return {
+        "attack": entry.id,
+        "norm": entry.norm,
+        "parameters": dict(entry.parameters),
+        "restarts": entry.restarts,
+        "start_from": entry.start_from,
+    }
+
+
+def _grid(threshold: float, points: int) -> list[float]:
+    return [threshold * step / points for step in range(1, points + 1)]
+
+
+def _validated(images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]) -> None:
+    check_images(images, "images")
+    check_labels(labels, "labels", batch_size=images.shape[0])
+    if len(indices) != images.shape[0]:
+        raise InputError(
+            f"indices has {len(indices)} entries but there are {images.shape[0]} images"
+        )
+
+
+@torch.no_grad()
+def _recheck(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    adversarials: torch.Tensor,
+    norm: Norm,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(clipped adversarials, their distance to the inputs, their predicted labels)."""
+    clipped = adversarials.clamp(0.0, 1.0)
+    distances = perturbation_norm(clipped - images, norm)
+    predicted = model(clipped).argmax(1)
+    return clipped, distances, predicted
+
+
+@torch.no_grad()
+def _other_class_images(
+    counter: CallCounter, images: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Per sample, the L2-nearest image of the batch that the model assigns another class.
+
+    A valid starting adversarial for decision-based attacks whatever the model; samples with no
+    such neighbour get their own image back (not adversarial, so never chosen as a start).
+    """
+    predicted = counter(images).argmax(1)
+    flat = images.flatten(1)
+    distances = torch.cdist(flat, flat)
+    distances[predicted[None, :] == labels[:, None]] = math.inf
+    nearest = distances.argmin(1)
+    has_neighbour = torch.isfinite(distances.min(1).values)
+    return torch.where(has_neighbour.view(-1, *[1] * (images.dim() - 1)), images[nearest], images)
+
+
+def _starting_points(
+    candidates: list[torch.Tensor],
+    entry: AttackEntry,
+    counter: CallCounter,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The smallest misclassified candidate per sample, for attacks that need a start.
+
+    Candidates are the adversarials earlier attacks found (all of them, or only those of
+    ``entry.start_from``) plus the nearest image the model puts in another class, so a start
+    exists for nearly every sample even when the attack's own initialisation would fail.
+    """
+    if not entry.needs_starting_point:
+        return None, None
+    pool = [*candidates, _other_class_images(counter, images, labels)]
+    return best_starting_points(counter, images, labels, pool, entry.norm)
+
+
+def _earlier_adversarials(
+    store: ResultStore, keys_so_far: dict[str, str], entry: AttackEntry, device: torch.device
+) -> list[torch.Tensor]:
+    if entry.start_from is not None:
+        sources = [keys_so_far[entry.start_from]] if entry.start_from in keys_so_far else []
+    else:
+        sources = [key for attack_id, key in keys_so_far.items() if attack_id != entry.id]
+    return [adv.to(device) for key in sources if (adv := store.adversarials(key)) is not None]
+
+
+def run_minimal(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    store: ResultStore,
+    *,
+    model_name: str,
+    thresholds: dict[Norm, float],
+    indices: Sequence[int] | None = None,
+    grid_points: int = 8,
+    batch_size: int = 100,
+    seed: int = 0,
+    defense_config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Minimal-distance evaluation of every suite entry; returns the record keys, in order."""
+    indices = list(range(images.shape[0])) if indices is None else list(indices)
+    _validated(images, labels, indices)
+    check_positive_int(batch_size, "batch_size")
+    check_positive_int(grid_points, "grid_points")
+    missing = sorted({entry.norm for entry in suite.entries} - set(thresholds))
+    if missing:
+        raise InputError(f"no threshold given for norm(s) {', '.join(missing)}")
+    context = _context(model, model_name, seed, batch_size, defense_config or {})
+    device = device_of(model)
+    keys: list[str] = []
+    with evaluation_mode(model):
+        counter = CallCounter(model)
+        foolbox_model = PyTorchModel(counter, bounds=(0.0, 1.0), device=device)
+        starts = range(0, images.shape[0], batch_size)
+        for start in starts:
+            batch_indices = indices[start : start + batch_size]
+            batch = images[start : start + batch_size].to(device)
+            batch_labels = labels[start : start + batch_size].to(device)
+            keys_so_far: dict[str, str] = {}
+            bar = tqdm(
+                suite.entries,
+                desc=f"{model_name} batch {start // batch_size + 1}/{len(starts)}",
+                unit="attack",
+                disable=not progress,
+                leave=False,
+            )
+            for entry in bar:
+                bar.set_postfix_str(entry.id)
+                grid = None if entry.minimization else _grid(thresholds[entry.norm], grid_points)
+                key = record_key(
+                    mode="minimal",
+                    model=context.fingerprint,
+                    defense=context.defense_config,
+                    indices=batch_indices,
+                    seed=seed,
+                    grid=grid,
+                    **_entry_fields(entry),
+                )
+                keys_so_far[entry.id] = key
+                keys.append(key)
+                if key in store:
+                    continue
+                record, adversarials = _minimal_batch(
+                    entry,
+                    foolbox_model,
+                    counter,
+                    batch,
+                    batch_labels,
+                    grid,
+                    _starting_points(
+                        _earlier_adversarials(store, keys_so_far, entry, device),
+                        entry,
+                        counter,
+                        batch,
+                        batch_labels,
+                    ),
+                    _batch_seed(seed, entry.id, batch_indices),
+                )
+                store.append(
+                    {
+                        "key": key,
+                        "mode": "minimal",
+                        "model": model_name,
+                        "model_fingerprint": context.fingerprint,
+                        "indices": batch_indices,
+                        "seed": seed,
+                        **_entry_fields(entry),
+                        **record,
+                    },
+                    adversarials.cpu(),
+                )
+    return keys
+
+
+def _attack_or_error(
+    entry: AttackEntry,
+    foolbox_model: PyTorchModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epsilons: list[float | None],
+    *,
+    starting_points: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    generator_seed: int,
+) -> tuple[list[torch.Tensor], str | None]:
+    """Run the attack; when it raises (e.g. no gradient reaches the input), return the clean
+    images for every epsilon and the error, which is stored and flagged in the report."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adversarials, _ = run_attack(
+                entry,
+                foolbox_model,
+                images,
+                labels,
+                epsilons,
+                starting_points=starting_points,
+                mask=mask,
+                generator_seed=generator_seed,
+            )
+        return list(adversarials), None
+    except Exception as error:  # recorded in the store and shown as a report flag
+        return [images.clone() for _ in epsilons], f"{type(error).__name__}: {error}"
+
+
+def _minimal_batch(
+    entry: AttackEntry,
+    foolbox_model: PyTorchModel,
+    counter: CallCounter,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    grid: list[float] | None,
+    start: tuple[torch.Tensor | None, torch.Tensor | None],
+    batch_seed: int,
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Run one attack on one batch; return its record fields and the chosen adversarials."""
+    counter.reset()
+    started = time.perf_counter()
+    epsilons: list[float | None] = [None] if grid is None else list(grid)
+    starting_points, mask = start
+    adversarial_list, error = _attack_or_error(
+        entry,
+        foolbox_model,
+        images,
+        labels,
+        epsilons,
+        starting_points=starting_points,
+        mask=mask,
+        generator_seed=batch_seed,
+    )
+    with torch.no_grad():
+        clean_predicted = counter(images).argmax(1)
+    count = images.shape[0]
+    distances = torch.full((count,), math.inf, device=images.device)
+    chosen = images.clone()
+    chosen_labels = clean_predicted.clone()
+    grid_success: list[int] = []
+    for position, adversarials in enumerate(adversarial_list):
+        clipped, measured, predicted = _recheck(counter, images, labels, adversarials, entry.norm)
+        success = predicted != labels
+        if grid is not None:
+            budget = grid[position] * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
+            success &= measured <= budget
+            grid_success.append(int(success.sum()))
+        better = success & (measured < distances)
+        distances = torch.where(better, measured, distances)
+        chosen[better] = clipped[better]
+        chosen_labels = torch.where(better, predicted, chosen_labels)
+    already_wrong = clean_predicted != labels
+    distances[already_wrong] = 0.0
+    chosen[already_wrong] = images[already_wrong]
+    chosen_labels[already_wrong] = clean_predicted[already_wrong]
+    forward_calls, backward_calls = counter.reset()
+    record = {
+        "distances": [float(d) for d in distances.cpu()],
+        "adversarial_labels": [int(p) for p in chosen_labels.cpu()],
+        "clean_correct": [bool(c) for c in (~already_wrong).cpu()],
+        "grid": grid,
+        "grid_success": grid_success if grid is not None else None,
+        "started": None if mask is None else [bool(m) for m in mask.cpu()],
+        "seconds": time.perf_counter() - started,
+        "forward_calls": forward_calls,
+        "backward_calls": backward_calls,
+        "error": error,
+    }
+    return record, chosen
+
+
+def run_fixed(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    store: ResultStore,
+    *,
+    model_name: str,
+    norm: Norm,
+    epsilon: float,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 100,
+    seed: int = 0,
+    defense_config: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Fixed-epsilon evaluation: the suite's ``norm`` attacks in order, on what is still robust.
+
+    Returns the record keys in order; :func:`advdefense.evaluation.summary.summarize_fixed`
+    turns them into robust accuracy and the attack that broke each sample.
+    """
+    indices = list(range(images.shape[0])) if indices is None else list(indices)
+    _validated(images, labels, indices)
+    check_positive_int(batch_size, "batch_size")
+    if not epsilon > 0:
+        raise InputError(f"epsilon must be positive, got {epsilon}")
+    entries = [entry for entry in suite.entries if entry.norm == norm]
+    if not entries:
+        raise InputError(f"suite {suite.name!r} has no {norm} attack")
+    context = _context(model, model_name, seed, batch_size, defense_config or {})
+    device = device_of(model)
+    keys: list[str] = []
+    position_of = {index: position for position, index in enumerate(indices)}
+    with evaluation_mode(model):
+        counter = CallCounter(model)
+        with torch.no_grad():
+            clean_predicted = torch.cat(
+                [
+                    counter(images[s : s + batch_size].to(device)).argmax(1).cpu()
+                    for s in range(0, images.shape[0], batch_size)
+                ]
+            )
+        robust = [
+            index
+            for index, p, y in zip(indices, clean_predicted, labels, strict=True)
+            if int(p) == int(y)
+        ]
+        foolbox_model = PyTorchModel(counter, bounds=(0.0, 1.0), device=device)
+        for entry in tqdm(
+            entries,
+            desc=f"{model_name} {norm} {epsilon:g}",
+            unit="attack",
+            disable=not progress,
+            leave=False,
+        ):
+            survivors: list[int] = []
+            for start in range(0, len(robust), batch_size):
+                batch_indices = robust[start : start + batch_size]
+                positions = [position_of[index] for index in batch_indices]
+                batch = images[positions].to(device)
+                batch_labels = labels[positions].to(device)
+                key = record_key(
+                    mode="fixed",
+                    model=context.fingerprint,
+                    defense=context.defense_config,
+                    indices=batch_indices,
+                    seed=seed,
+                    epsilon=epsilon,
+                    **_entry_fields(entry),
+                )
+                keys.append(key)
+                record = store.get(key)
+                if record is None:
+                    record = _fixed_batch(
+                        entry,
+                        foolbox_model,
+                        counter,
+                        batch,
+                        batch_labels,
+                        epsilon,
+                        _starting_points([], entry, counter, batch, batch_labels),
+                        _batch_seed(seed, entry.id, batch_indices),
+                    )
+                    record = store.append(
+                        {
+                            "key": key,
+                            "mode": "fixed",
+                            "model": model_name,
+                            "model_fingerprint": context.fingerprint,
+                            "indices": batch_indices,
+                            "seed": seed,
+                            "epsilon": epsilon,
+                            **_entry_fields(entry),
+                            **record,
+                        },
+                    )
+                survivors.extend(
+                    index
+                    for index, broken in zip(batch_indices, record["broken"], strict=True)
+                    if not broken
+                )
+            robust = survivors
+    return keys
+
+
+def _fixed_batch(
+    entry: AttackEntry,
+    foolbox_model: PyTorchModel,
+    counter: CallCounter,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epsilon: float,
+    start: tuple[torch.Tensor | None, torch.Tensor | None],
+    batch_seed: int,
+) -> dict[str, Any]:
+    counter.reset()
+    started = time.perf_counter()
+    starting_points, mask = start
+    adversarial_list, error = _attack_or_error(
+        entry,
+        foolbox_model,
+        images,
+        labels,
+        [epsilon],
+        starting_points=starting_points,
+        mask=mask,
+        generator_seed=batch_seed,
+    )
+    _, measured, predicted = _recheck(counter, images, labels, adversarial_list[0], entry.norm)
+    budget = epsilon * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
+    broken = (predicted != labels) & (measured <= budget)
+    forward_calls, backward_calls = counter.reset()
+    return {
+        "broken": [bool(b) for b in broken.cpu()],
+        "distances": [
+            float(d) if b else math.inf for d, b in zip(measured.cpu(), broken.cpu(), strict=True)
+        ],
+        "adversarial_labels": [int(p) for p in predicted.cpu()],
+        "seconds": time.perf_counter() - started,
+        "forward_calls": forward_calls,
+        "backward_calls": backward_calls,
+        "error": error,
+    }

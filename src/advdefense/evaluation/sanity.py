@@ -1,0 +1,91 @@
+"""Automatic sanity checks whose failures appear as flags in every report (DESIGN.md §3.5).
+
+Model checks run on clean samples before any attack; result checks read the summary. A flag is
+a short sentence naming what looks wrong; an empty list means nothing did.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from advdefense.evaluation.summary import ModelSummary
+from advdefense.modes import device_of, evaluation_mode
+
+__all__ = ["model_flags", "result_flags"]
+
+UNBOUNDED_SUCCESS = 0.98
+
+
+def model_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """Checks on the model itself, on a few clean samples (the model's mode is restored)."""
+    flags = []
+    if model.training:
+        flags.append("model was handed over in training mode (evaluated in eval mode)")
+    device = device_of(model)
+    images = images[:32].to(device)
+    labels = labels[:32].to(device)
+    with evaluation_mode(model):
+        with torch.no_grad():
+            first, second = model(images), model(images)
+        if not torch.equal(first, second):
+            flags.append("randomized output: two identical forward passes differ (use EOT attacks)")
+        rows = first.sum(1)
+        if bool((first >= 0).all()) and torch.allclose(rows, torch.ones_like(rows), atol=1e-4):
+            flags.append(
+                "outputs look like probabilities (rows are non-negative and sum to 1): "
+                "gradient attacks on softmax outputs can vanish; return logits"
+            )
+        inputs = images.clone().requires_grad_(True)
+        with torch.enable_grad():
+            loss = nn.functional.cross_entropy(model(inputs), labels)
+            (gradient,) = torch.autograd.grad(loss, inputs, allow_unused=True)
+        if gradient is None:
+            gradient = torch.zeros_like(inputs)
+        if not bool(torch.isfinite(gradient).all()):
+            flags.append("input gradients on clean samples are not finite")
+        elif bool((gradient.flatten(1).abs().sum(1) == 0).any()):
+            zero = int((gradient.flatten(1).abs().sum(1) == 0).sum())
+            flags.append(
+                f"zero input gradients on {zero} of {len(gradient)} clean samples "
+                "(gradient masking? declare a BPDA surrogate)"
+            )
+    return flags
+
+
+def result_flags(summary: ModelSummary) -> list[str]:
+    """Checks on the evaluation's results."""
+    flags = []
+    for attack in summary.attacks.values():
+        for error in attack.errors:
+            flags.append(
+                f"{attack.attack_id} raised on some batches (counted as not broken): {error}"
+            )
+        zero = float((attack.distances > 0).mean()) if attack.distances.size else math.nan
+        if not math.isclose(zero, summary.clean_accuracy, abs_tol=1e-9):
+            flags.append(
+                f"{attack.attack_id}: accuracy at epsilon 0 ({zero:.3f}) differs from clean "
+                f"accuracy ({summary.clean_accuracy:.3f})"
+            )
+        if attack.grid_success is not None and any(
+            later < earlier
+            for earlier, later in zip(attack.grid_success, attack.grid_success[1:], strict=False)
+        ):
+            flags.append(
+                f"{attack.attack_id}: raw success fell as epsilon grew "
+                f"({list(attack.grid_success)}): the attack is unreliable on this model"
+            )
+    for norm, result in summary.norms.items():
+        unbounded = [a for a in summary.attacks.values() if a.norm == norm and a.grid is None]
+        if not unbounded or not result.distances.size:
+            continue
+        success = float(math.fsum(1 for d in result.distances if math.isfinite(d)))
+        rate = success / result.distances.size
+        if rate < UNBOUNDED_SUCCESS:
+            flags.append(
+                f"{norm}: unbounded attacks broke only {100 * rate:.1f}% of samples "
+                "(expected ~100%): gradient masking or too few iterations"
+            )
+    return flags
