@@ -3,7 +3,8 @@
 Run with ``advdefense reproduce cnn_mnist_sample [--n 1000] [--out results]``. Data: the
 embedded MNIST sample (train 4,000 / test 1,000, split of ``default_rng(0)``); the first ``n``
 test digits are attacked (default all 1,000). Writes ``<out>/cnn_mnist_sample/``: the model,
-``results.json``, ``results.md`` and ``accuracy_vs_epsilon.png``.
+and in ``run/`` the resumable records, ``report.md``, ``report.json`` and
+``accuracy_vs_epsilon.png``.
 """
 
 from __future__ import annotations
@@ -29,4 +30,5 @@ def reproduce(out: Path, device: torch.device, seed: int, progress: bool, n: int
         )
     )
     print(result.table)
-    print(f"wrote {result.results_path.parent} in {result.seconds:.0f} s")
+    print(f"wrote {', '.join(str(path) for path in result.files.values())} "
+          f"in {result.seconds:.0f} s")

@@ -152,28 +152,12 @@ def test_train_evaluate_report_round_trip(
     assert isinstance(advdefense.load(model_dir), AbsCNN)
 
     run_dir = tmp_path / "run"
-    code, out, err = _run(
-        capsys,
-        "evaluate",
-        "--model",
-        str(model_dir),
-        "--n",
-        "20",
-        "--suite",
-        "quick",
-        "--threshold",
-        "Linf=0.1",
-        "--grid-points",
-        "2",
-        "--batch-size",
-        "10",
-        "--out",
-        str(run_dir),
-        "--quiet",
-    )
+    evaluate = ["evaluate", "--model", str(model_dir), "--n", "12", "--suite", "quick"]
+    evaluate += ["--threshold", "Linf=0.1", "--grid-points", "2", "--batch-size", "6"]
+    code, out, err = _run(capsys, *evaluate, "--out", str(run_dir), "--quiet")
     assert code == 0, err
     report = json.loads((run_dir / "report.json").read_text())
-    assert report["n"] == 20 and report["dataset"] == "mnist-sample"
+    assert report["n"] == 12 and report["dataset"] == "mnist-sample"
     assert report["suite"] == "quick"
     cnn = report["models"]["cnn"]
     assert cnn["norms"]["Linf"]["threshold"] == 0.1 and cnn["norms"]["L2"]["threshold"] == 1.5
@@ -181,25 +165,7 @@ def test_train_evaluate_report_round_trip(
     assert "| clean accuracy |" in out
     lines = (run_dir / "records.jsonl").read_text()
 
-    code, out, err = _run(
-        capsys,
-        "evaluate",
-        "--model",
-        str(model_dir),
-        "--n",
-        "20",
-        "--suite",
-        "quick",
-        "--threshold",
-        "Linf=0.1",
-        "--grid-points",
-        "2",
-        "--batch-size",
-        "10",
-        "--out",
-        str(run_dir),
-        "--quiet",
-    )
+    code, out, err = _run(capsys, *evaluate, "--out", str(run_dir), "--quiet")
     assert code == 0, err
     assert (run_dir / "records.jsonl").read_text() == lines, "a rerun must skip finished work"
 

@@ -26,6 +26,7 @@ from torch import nn
 from advdefense.defenses.detector import Detector, calibration_threshold, detector_scores
 from advdefense.errors import InputError
 from advdefense.evaluation.metrics import wilson_interval
+from advdefense.evaluation.plotting import new_figure, save_figure
 from advdefense.evaluation.robustness import predict
 from advdefense.validation import check_images, check_labels, check_probability
 
@@ -258,12 +259,8 @@ def plot_roc(
     """
     if not curves:
         raise InputError("curves is empty: pass at least one label -> (fpr, tpr)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(4.5, 4.5))
+    figure, axes = new_figure(1, width=4.5, height=4.5)
+    axis = axes[0][0]
     for label, (fpr, tpr) in curves.items():
         false_positives = _as_scores(fpr, f"curves[{label!r}] fpr")
         true_positives = _as_scores(tpr, f"curves[{label!r}] tpr")
@@ -281,9 +278,4 @@ def plot_roc(
     axis.set_ylabel("true-positive rate (adversarial detected)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize="small", loc="lower right")
-    figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=120)
-    plt.close(figure)
-    return target
+    return save_figure(figure, path)

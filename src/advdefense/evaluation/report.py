@@ -20,6 +20,7 @@ from typing import Any
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError
 from advdefense.evaluation.metrics import wilson_interval
+from advdefense.evaluation.plotting import new_figure, save_figure
 from advdefense.evaluation.run import RunResult
 from advdefense.evaluation.summary import FixedSummary, ModelSummary, NormResult
 
@@ -298,16 +299,11 @@ def _html(
 
 def plot_accuracy_curves(runs: Sequence[RunResult], path: str | Path) -> Path:
     """Worst-case accuracy vs epsilon, one panel per norm, one line per model (minimal mode)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pairs = [(r, s) for r, s in _models(runs) if isinstance(s, ModelSummary)]
     if not pairs:
         raise InputError("accuracy-vs-epsilon plots need minimal-mode runs")
     norms = [n for n in NORMS if any(n in s.norms for _, s in pairs)]
-    figure, axes = plt.subplots(1, len(norms), figsize=(4.5 * len(norms), 3.8), squeeze=False)
+    figure, axes = new_figure(len(norms), height=3.8)
     for axis, norm in zip(axes[0], norms, strict=True):
         for _, summary in pairs:
             if norm in summary.norms:
@@ -321,12 +317,7 @@ def plot_accuracy_curves(runs: Sequence[RunResult], path: str | Path) -> Path:
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
         axis.legend(fontsize="small")
-    figure.tight_layout()
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(target, dpi=120)
-    plt.close(figure)
-    return target
+    return save_figure(figure, path)
 
 
 def write_reports(run: RunResult) -> dict[str, Path]:

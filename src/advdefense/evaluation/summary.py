@@ -46,8 +46,23 @@ def _median(distances: FloatArray) -> float:
     return float(np.median(distances)) if distances.size else math.nan
 
 
+class _DistanceStatistics:
+    """Accuracy at the threshold and median of ``distances`` (for the classes below)."""
+
+    threshold: float
+    distances: FloatArray
+
+    @property
+    def accuracy(self) -> float:
+        return accuracy_at(self.distances, self.threshold)
+
+    @property
+    def median_distance(self) -> float:
+        return _median(self.distances)
+
+
 @dataclass(frozen=True)
-class AttackResult:
+class AttackResult(_DistanceStatistics):
     """One attack on every sample: distances (0 = clean error, inf = never broken) and costs."""
 
     attack_id: str
@@ -62,30 +77,14 @@ class AttackResult:
     grid_success: tuple[int, ...] | None = None
     errors: tuple[str, ...] = ()
 
-    @property
-    def accuracy(self) -> float:
-        return accuracy_at(self.distances, self.threshold)
-
-    @property
-    def median_distance(self) -> float:
-        return _median(self.distances)
-
 
 @dataclass(frozen=True)
-class NormResult:
+class NormResult(_DistanceStatistics):
     """Worst case over every attack of one norm."""
 
     norm: Norm
     threshold: float
     distances: FloatArray
-
-    @property
-    def accuracy(self) -> float:
-        return accuracy_at(self.distances, self.threshold)
-
-    @property
-    def median_distance(self) -> float:
-        return _median(self.distances)
 
     def curve(self, points: int = 50) -> list[tuple[float, float]]:
         """(epsilon, worst-case accuracy) from 0 to twice the threshold."""
