@@ -150,17 +150,19 @@ def test_rerun_skips_finished_work(tmp_path: Path) -> None:
 
 
 def test_store_drops_a_torn_last_line(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path)
-    store.append({"key": "a", "value": 1}, torch.zeros(2, 1, 2, 2))
-    store.append({"key": "b", "value": 2})
+    with ResultStore(tmp_path) as store:
+        store.append({"key": "a", "value": 1}, torch.zeros(2, 1, 2, 2))
+        store.append({"key": "b", "value": 2})
     with (tmp_path / "records.jsonl").open("ab") as handle:
         handle.write(b'{"key": "c", "val')
-    reopened = ResultStore(tmp_path)
-    assert [r["key"] for r in reopened.records()] == ["a", "b"]
-    assert (tmp_path / "records.jsonl").read_bytes().endswith(b"}\n")
-    reopened.append({"key": "c", "value": 3})
-    assert [r["key"] for r in ResultStore(tmp_path).records()] == ["a", "b", "c"]
-    adversarials = ResultStore(tmp_path).adversarials("a")
+    assert [r["key"] for r in ResultStore(tmp_path, writable=False).records()] == ["a", "b"]
+    with ResultStore(tmp_path) as reopened:
+        assert [r["key"] for r in reopened.records()] == ["a", "b"]
+        assert (tmp_path / "records.jsonl").read_bytes().endswith(b"}\n")
+        reopened.append({"key": "c", "value": 3})
+    reader = ResultStore(tmp_path, writable=False)
+    assert [r["key"] for r in reader.records()] == ["a", "b", "c"]
+    adversarials = reader.adversarials("a")
     assert adversarials is not None and adversarials.shape == (2, 1, 2, 2)
 
 
@@ -203,15 +205,15 @@ def test_resume_after_sigkill_loses_and_duplicates_nothing(tmp_path: Path) -> No
         time.sleep(0.01)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    partial = ResultStore(killed)
+    partial = ResultStore(killed, writable=False)
     assert 5 <= len(partial) < 30, "the run must have been killed mid-way"
     subprocess.run([sys.executable, str(script), str(killed)], check=True)
     subprocess.run([sys.executable, str(script), str(clean)], check=True)
     resumed_lines = records.read_text().splitlines()
     keys = [json.loads(line)["key"] for line in resumed_lines]
     assert len(keys) == len(set(keys)) == 30  # 2 attacks x 15 batches, none lost or doubled
-    clean_records = {r["key"]: r for r in ResultStore(clean).records()}
-    for record in ResultStore(killed).records():
+    clean_records = {r["key"]: r for r in ResultStore(clean, writable=False).records()}
+    for record in ResultStore(killed, writable=False).records():
         assert record["distances"] == clean_records[record["key"]]["distances"]
 
 
@@ -450,6 +452,34 @@ def test_run_report_formats_and_plot(tmp_path: Path) -> None:
         render([run, fixed], "md")
     with pytest.raises(UserError, match="not an evaluation run"):
         load_run(tmp_path)
+
+
+def test_a_run_directory_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    with ResultStore(tmp_path) as store:
+        store.append({"key": "a"})
+        with pytest.raises(UserError, match="being written by another process"):
+            ResultStore(tmp_path)
+        reader = ResultStore(tmp_path, writable=False)
+        assert "a" in reader
+        with pytest.raises(UserError, match="read-only"):
+            reader.append({"key": "b"})
+    with ResultStore(tmp_path) as store:
+        assert len(store) == 1
+
+
+def test_models_accumulate_in_one_run(tmp_path: Path) -> None:
+    images, labels = _data()
+    for name in ("first", "second"):
+        evaluate_models(
+            {name: Brightness().eval()},
+            images,
+            labels,
+            DETERMINISTIC,
+            _config(),
+            tmp_path,
+            progress=False,
+        )
+    assert [s.model for s in load_run(tmp_path).summaries] == ["first", "second"]
 
 
 def test_model_fingerprint_tracks_weights() -> None:

@@ -97,9 +97,24 @@ def evaluate_models(
     if config.mode == "fixed" and (config.norm is None or config.epsilon is None):
         raise InputError("fixed mode needs a norm and an epsilon (e.g. --norm L2 --eps 1.5)")
     run_dir = Path(directory)
-    store = ResultStore(run_dir)
+    with ResultStore(run_dir) as store:
+        _evaluate_into(store, models, images, labels, suite, config, progress=progress)
+    return load_run(run_dir)
+
+
+def _evaluate_into(
+    store: ResultStore,
+    models: Mapping[str, nn.Module],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    config: RunConfig,
+    *,
+    progress: bool,
+) -> None:
+    run_dir = store.directory
     thresholds = config.norm_thresholds()
-    entries: dict[str, Any] = {}
+    entries = _models_already_in(run_dir, config)
     for name, model in models.items():
         flags = model_flags(model, images, labels)
         if config.mode == "minimal":
@@ -142,7 +157,16 @@ def evaluate_models(
             "clean_correct": clean_correct,
         }
         _write_run_file(run_dir, config, entries)
-    return load_run(run_dir)
+
+
+def _models_already_in(run_dir: Path, config: RunConfig) -> dict[str, Any]:
+    """Models an earlier command evaluated into ``run_dir`` under the same configuration."""
+    try:
+        payload = json.loads((run_dir / RUN_FILE).read_text())
+        same = payload["config"] == json.loads(json.dumps(asdict(config)))
+        return dict(payload["models"]) if same else {}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return {}
 
 
 def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) -> None:
@@ -167,7 +191,7 @@ def load_run(directory: str | os.PathLike[str]) -> RunResult:
         config = RunConfig(**{**raw, "indices": tuple(raw["indices"])})
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{run_file} is not an advdefense run file ({error})") from None
-    store = ResultStore(run_dir)
+    store = ResultStore(run_dir, writable=False)
     thresholds = config.norm_thresholds()
     summaries: list[ModelSummary | FixedSummary] = []
     for name, entry in payload["models"].items():

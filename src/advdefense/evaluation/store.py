@@ -9,6 +9,7 @@ everything that determines it, so rerunning the same command skips what is done.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,10 +21,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from advdefense.errors import UserError
+
 __all__ = ["ResultStore", "model_fingerprint", "record_key"]
 
 RECORDS_FILE = "records.jsonl"
 ADVERSARIALS_DIR = "adversarials"
+LOCK_FILE = ".lock"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -46,17 +50,25 @@ def record_key(**fields: Any) -> str:
 
 
 class ResultStore:
-    """Append-only JSON-lines records in ``directory``, with their adversarials beside them."""
+    """Append-only JSON-lines records in ``directory``, with their adversarials beside them.
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    ``writable=True`` (the default) takes an exclusive lock on the directory for the store's
+    lifetime, so two processes can never append to the same run; a second one is refused with
+    a clear error instead of duplicating work. Readers (reports) pass ``writable=False``.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, writable: bool = True) -> None:
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        (self.directory / ADVERSARIALS_DIR).mkdir(exist_ok=True)
         self.path = self.directory / RECORDS_FILE
         self._records: dict[str, dict[str, Any]] = {}
-        self._load()
+        self._lock: Any = None
+        if writable:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / ADVERSARIALS_DIR).mkdir(exist_ok=True)
+            self._lock = _exclusive_lock(self.directory / LOCK_FILE)
+        self._load(truncate_torn_line=writable)
 
-    def _load(self) -> None:
+    def _load(self, *, truncate_torn_line: bool) -> None:
         """Read every complete record; cut a torn last line left by a killed writer."""
         if not self.path.exists():
             return
@@ -71,9 +83,21 @@ class ResultStore:
             if isinstance(record, dict) and "key" in record:
                 self._records[record["key"]] = record
             valid_end = line_end + 1
-        if valid_end != len(data):
+        if valid_end != len(data) and truncate_torn_line:
             with self.path.open("r+b") as handle:
                 handle.truncate(valid_end)
+
+    def close(self) -> None:
+        """Release the directory lock (records stay readable)."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def __enter__(self) -> ResultStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def __contains__(self, key: object) -> bool:
         return key in self._records
@@ -93,6 +117,8 @@ class ResultStore:
         self, record: Mapping[str, Any], adversarials: torch.Tensor | None = None
     ) -> dict[str, Any]:
         """Persist one finished record (which must carry a ``key``) and its adversarials."""
+        if self._lock is None:
+            raise UserError(f"the store in {self.directory} was opened read-only")
         key = str(record["key"])
         stored = dict(record)
         if adversarials is not None:
@@ -116,6 +142,20 @@ class ResultStore:
         if record is None or "adversarials_file" not in record:
             return None
         return load_file(str(self.directory / record["adversarials_file"]))["adversarials"]
+
+
+def _exclusive_lock(path: Path) -> Any:
+    """Hold an exclusive advisory lock on ``path`` until the returned handle is closed/freed."""
+    handle = path.open("a")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"{path.parent} is being written by another process (an evaluation is running "
+            "there); wait for it to finish or choose another --out"
+        ) from None
+    return handle
 
 
 def _line_ends(data: bytes) -> Iterator[int]:
