@@ -149,6 +149,25 @@ def test_rerun_skips_finished_work(tmp_path: Path) -> None:
     assert set(other_seed).isdisjoint(keys)
 
 
+def test_attacks_with_object_parameters_are_recorded(tmp_path: Path) -> None:
+    images, labels = _data()
+    suite = _suite("l2-inversion", "l1-inversion")  # Foolbox LpDistance objects as parameters
+    with ResultStore(tmp_path) as store:
+        keys = run_minimal(
+            Brightness(),
+            images,
+            labels,
+            suite,
+            store,
+            model_name="b",
+            thresholds={"l2": 1.5, "l1": 8.0},
+            progress=False,
+        )
+        records = [store.get(key) for key in keys]
+    assert [r["parameters"] for r in records if r] == [{"distance": "l2"}, {"distance": "l1"}]
+    assert keys[0] != keys[1]
+
+
 def test_store_drops_a_torn_last_line(tmp_path: Path) -> None:
     with ResultStore(tmp_path) as store:
         store.append({"key": "a", "value": 1}, torch.zeros(2, 1, 2, 2))

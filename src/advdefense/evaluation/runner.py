@@ -94,10 +94,13 @@ def _context(
 
 
 def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
+    """What identifies the attack in a record (and its key): id, norm, class, parameters."""
+    description = entry.to_json()
     return {
         "attack": entry.id,
         "norm": entry.norm,
-        "parameters": dict(entry.parameters),
+        "attack_class": description["attack"],
+        "parameters": description["parameters"],
         "restarts": entry.restarts,
         "start_from": entry.start_from,
     }

@@ -45,7 +45,7 @@ def model_fingerprint(model: nn.Module) -> str:
 
 def record_key(**fields: Any) -> str:
     """A stable hash of JSON-serialisable ``fields`` (sorted keys, no whitespace)."""
-    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), default=str)
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
