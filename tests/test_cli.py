@@ -210,6 +210,8 @@ def test_train_evaluate_report_round_trip(
     assert code == 0 and "<table>" in out
     code, _, err = _run(capsys, "report", str(run_dir), str(fixed_dir))
     assert code == 2 and "cannot mix" in err
+    code, _, err = _run(capsys, *evaluate, "--detector", str(model_dir), "--out", str(run_dir))
+    assert code == 2 and "holds a AbsCNN, not a Detector" in err
 
 
 def test_reproduce_lists_and_runs_a_recipe(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -22,9 +23,10 @@ from torch import nn
 from advdefense.attacks import get_attack
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.suites import AttackSuite
+from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.metrics import wilson_interval
-from advdefense.evaluation.report import plot_accuracy_curves, render, report_json
+from advdefense.evaluation.report import plot_accuracy_curves, render, report_json, write_reports
 from advdefense.evaluation.robustness import clean_accuracy, predict
 from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
 from advdefense.evaluation.runner import run_fixed, run_minimal
@@ -32,8 +34,14 @@ from advdefense.evaluation.sanity import model_flags
 from advdefense.evaluation.store import ResultStore, model_fingerprint
 from advdefense.evaluation.summary import summarize_fixed, summarize_minimal
 from advdefense.modes import evaluation_mode
+from advdefense.registry import register_model
 
 THRESHOLDS = {"l2": 1.5, "linf": 0.3}
+
+
+@dataclass(frozen=True)
+class _NoConfig:
+    pass
 
 
 class Brightness(nn.Module):
@@ -190,6 +198,7 @@ _KILLABLE_RUN = textwrap.dedent("""
     from torch import nn
     from advdefense.attacks import get_attack
     from advdefense.attacks.suites import AttackSuite
+from advdefense.defenses.detector import Detector
     from advdefense.evaluation.runner import run_minimal
     from advdefense.evaluation.store import ResultStore
 
@@ -499,6 +508,57 @@ def test_models_accumulate_in_one_run(tmp_path: Path) -> None:
             progress=False,
         )
     assert [s.model for s in load_run(tmp_path).summaries] == ["first", "second"]
+
+
+@register_model("test-gray-detector")
+class GrayDetector(Detector):
+    """Suspicious when the mean pixel is near 0.5, where Brightness's adversarials land."""
+
+    config_class = _NoConfig
+
+    def __init__(self, config: _NoConfig | None = None) -> None:
+        super().__init__()
+        self.config = config or _NoConfig()
+
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        return -(images.flatten(1).mean(1) - 0.5).abs()
+
+
+def test_detection_in_a_run(tmp_path: Path) -> None:
+    images, labels = _data()
+    detector = GrayDetector()
+    detector.calibrate(images, 0.05)
+    run = evaluate_models(
+        {"bright": Brightness().eval()},
+        images,
+        labels,
+        DETERMINISTIC,
+        _config(),
+        tmp_path,
+        detectors={"bright": detector},
+        progress=False,
+    )
+    detection = {d.attack_id: d for d in run.summaries[0].detection}  # type: ignore[union-attr]
+    assert set(detection) == {"fgsm", "l2-deepfool"}
+    deepfool = detection["l2-deepfool"]
+    assert deepfool.auc > 0.95 and deepfool.pairs > 20
+    assert 0 <= deepfool.tpr[0.01] <= deepfool.tpr[0.05] <= 1
+    document = report_json([run])["models"]["bright"]["detection"]
+    assert document["l2-deepfool"]["auc"] == deepfool.auc
+    assert "Detection (gray-box" in render([run], "md")
+    files = write_reports(run)
+    assert files["roc-bright"].read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(InputError, match="unknown models"):
+        evaluate_models(
+            {"a": Brightness()},
+            images,
+            labels,
+            DETERMINISTIC,
+            _config(),
+            tmp_path,
+            detectors={"b": detector},
+            progress=False,
+        )
 
 
 def test_model_fingerprint_tracks_weights() -> None:

@@ -20,6 +20,7 @@ from advdefense import __version__
 from advdefense.attacks.norms import NORM_ALIASES, default_threshold
 from advdefense.attacks.suites import SUITES, AttackSuite, get_suite
 from advdefense.data import DATASETS, load_dataset, verify_datasets
+from advdefense.defenses.detector import Detector
 from advdefense.devices import DEVICE_CHOICES, resolve_device
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.report import FORMATS, plot_accuracy_curves, render, write_reports
@@ -159,6 +160,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="NORM=VALUE",
         help="override a reporting threshold, e.g. --threshold Linf=0.1 (repeatable); defaults "
         "per dataset: MNIST-like L0 12, L1 8, L2 1.5, Linf 0.3; CIFAR-like L2 0.5, Linf 8/255",
+    )
+    evaluate.add_argument(
+        "--detector",
+        type=Path,
+        metavar="DIR",
+        help="a saved detector for the (single) --model: reports ROC AUC and TPR at 5%% and 1%% "
+        "FPR of each attack's successful adversarials (gray-box, minimal mode)",
     )
     evaluate.add_argument(
         "--grid-points",
@@ -329,6 +337,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         norm=NORM_ALIASES[args.norm] if args.norm else None,
         epsilon=args.eps,
     )
+    detectors = {}
+    if args.detector is not None:
+        if len(models) != 1:
+            raise InputError("--detector pairs with exactly one --model")
+        detector = load(args.detector, device=device)
+        if not isinstance(detector, Detector):
+            raise InputError(f"{args.detector} holds a {type(detector).__name__}, not a Detector")
+        detectors = {next(iter(models)): detector}
     run = evaluate_models(
         models,
         images[selection],
@@ -336,6 +352,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         suite,
         config,
         args.out,
+        detectors=detectors,
         progress=not args.quiet,
     )
     files = write_reports(run)

@@ -19,6 +19,8 @@ from typing import Any
 
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError
+from advdefense.evaluation.detection import plot_roc
+from advdefense.evaluation.detection_run import AttackDetection
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.plotting import new_figure, save_figure
 from advdefense.evaluation.run import RunResult
@@ -115,6 +117,28 @@ def _rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Ro
     return _fixed_rows(pairs)  # type: ignore[arg-type]
 
 
+def _detection_rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
+    """One row per attack: AUC, TPR at 5% and 1% FPR, and the number of pairs, per model."""
+    found: dict[str, dict[str, AttackDetection]] = {}
+    for _, summary in pairs:
+        if isinstance(summary, ModelSummary):
+            for detection in summary.detection:
+                found.setdefault(detection.attack_id, {})[summary.model] = detection
+    rows: list[Row] = []
+    for attack_id, by_model in found.items():
+        cells = []
+        for _, summary in pairs:
+            d = by_model.get(summary.model)
+            cells.append(
+                "—"
+                if d is None
+                else f"{d.auc:.3f} / {100 * d.tpr[0.05]:.1f}% / {100 * d.tpr[0.01]:.1f}% "
+                f"({d.pairs})"
+            )
+        rows.append((attack_id, cells))
+    return rows
+
+
 def _timing_rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
     rows: list[Row] = []
     seen: list[str] = []
@@ -197,6 +221,14 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
                     for norm, r in summary.norms.items()
                 },
                 "minimal_accuracy": summary.minimal_accuracy,
+                "detection": {
+                    d.attack_id: {
+                        "auc": d.auc,
+                        "pairs": d.pairs,
+                        **{f"tpr_at_fpr_{rate:g}": tpr for rate, tpr in d.tpr.items()},
+                    }
+                    for d in summary.detection
+                },
                 "flags": list(summary.flags),
                 "run": str(run.directory),
             }
@@ -242,6 +274,18 @@ def render(runs: Sequence[RunResult], output_format: str) -> str:
         writer.writerows([label, *cells] for label, cells in rows)
         return buffer.getvalue()
     timing, footer, flags = _timing_rows(pairs), _footer(runs), _flags(pairs)
+    detection = _detection_rows(pairs)
+    detection_md = (
+        [
+            "Detection (gray-box; pairs = clean-correct samples whose adversarial breaks the "
+            "classifier within the threshold): AUC / TPR at 5% FPR / TPR at 1% FPR (pairs)",
+            "",
+            *_markdown_table(["attack", *header[1:]], detection),
+            "",
+        ]
+        if detection
+        else []
+    )
     if output_format == "md":
         return "\n".join(
             [
@@ -250,6 +294,7 @@ def render(runs: Sequence[RunResult], output_format: str) -> str:
                 "Cells: accuracy at the threshold [95% Wilson interval]; median distances over "
                 "all samples (0 = misclassified clean, ∞ = never broken).",
                 "",
+                *detection_md,
                 "Flags: " + ("none" if not flags else ""),
                 *(f"- {flag}" for flag in flags),
                 "",
@@ -261,7 +306,7 @@ def render(runs: Sequence[RunResult], output_format: str) -> str:
                 "",
             ]
         )
-    return _html(header, rows, timing, flags, footer)
+    return _html(header, rows, timing, flags, footer, detection)
 
 
 def _markdown_table(header: list[str], rows: list[Row]) -> list[str]:
@@ -282,7 +327,12 @@ def _html_table(header: list[str], rows: list[Row]) -> str:
 
 
 def _html(
-    header: list[str], rows: list[Row], timing: list[Row], flags: list[str], footer: list[str]
+    header: list[str],
+    rows: list[Row],
+    timing: list[Row],
+    flags: list[str],
+    footer: list[str],
+    detection: list[Row],
 ) -> str:
     items = "".join(f"<li>{html.escape(f)}</li>" for f in flags) or "<li>none</li>"
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in footer)
@@ -291,6 +341,12 @@ def _html(
         "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:2px 6px}"
         "</style></head><body>"
         + _html_table(header, rows)
+        + (
+            "<h3>Detection: AUC / TPR at 5% / TPR at 1% FPR (pairs)</h3>"
+            + _html_table(["attack", *header[1:]], detection)
+            if detection
+            else ""
+        )
         + f"<h3>Flags</h3><ul>{items}</ul><h3>Wall time</h3>"
         + _html_table(["attack", *header[1:]], timing)
         + f"<ul>{notes}</ul></body></html>\n"
@@ -327,4 +383,11 @@ def write_reports(run: RunResult) -> dict[str, Path]:
     files["json"].write_text(render([run], "json"))
     if run.config.mode == "minimal":
         files["plot"] = plot_accuracy_curves([run], run.directory / "accuracy_vs_epsilon.png")
+    for summary in run.summaries:
+        if isinstance(summary, ModelSummary) and summary.detection:
+            files[f"roc-{summary.model}"] = plot_roc(
+                {d.attack_id: (d.fpr_curve, d.tpr_curve) for d in summary.detection},
+                run.directory / f"roc_{summary.model}.png",
+                aucs={d.attack_id: d.auc for d in summary.detection},
+            )
     return files

@@ -19,7 +19,9 @@ from torch import nn
 
 from advdefense.attacks.norms import NORM_ALIASES, Norm
 from advdefense.attacks.suites import AttackSuite
+from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
+from advdefense.evaluation.detection_run import detection_scores, summarize_detection
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags, result_flags
@@ -87,18 +89,30 @@ def evaluate_models(
     config: RunConfig,
     directory: str | os.PathLike[str],
     *,
+    detectors: Mapping[str, Detector] | None = None,
     progress: bool = True,
 ) -> RunResult:
-    """Evaluate every model (resuming finished work in ``directory``); return the summaries."""
+    """Evaluate every model (resuming finished work in ``directory``); return the summaries.
+
+    ``detectors`` maps model names to a detector for that model: in minimal mode the detector
+    scores each clean image and each attack's successful adversarials (gray-box detection,
+    reported as ROC AUC and TPR at 5% and 1% FPR).
+    """
     if not models:
         raise InputError("models is empty: pass at least one model to evaluate")
     if len(config.indices) != images.shape[0]:
         raise InputError(f"config has {config.n} indices but there are {images.shape[0]} images")
     if config.mode == "fixed" and (config.norm is None or config.epsilon is None):
         raise InputError("fixed mode needs a norm and an epsilon (e.g. --norm L2 --eps 1.5)")
+    detectors = dict(detectors or {})
+    unknown = sorted(set(detectors) - set(models))
+    if unknown:
+        raise InputError(f"detectors given for unknown models: {', '.join(unknown)}")
+    if detectors and config.mode != "minimal":
+        raise InputError("detection is evaluated in minimal mode only (--mode minimal)")
     run_dir = Path(directory)
     with ResultStore(run_dir) as store:
-        _evaluate_into(store, models, images, labels, suite, config, progress=progress)
+        _evaluate_into(store, models, images, labels, suite, config, detectors, progress=progress)
     return load_run(run_dir)
 
 
@@ -109,6 +123,7 @@ def _evaluate_into(
     labels: torch.Tensor,
     suite: AttackSuite,
     config: RunConfig,
+    detectors: Mapping[str, Detector],
     *,
     progress: bool,
 ) -> None:
@@ -150,7 +165,13 @@ def _evaluate_into(
                 progress=progress,
             )
             clean_correct = [bool(c) for c in (predict(model, images) == labels)]
+        detection = None
+        if name in detectors:
+            detection = detection_scores(
+                detectors[name], store, keys, images, config.indices, thresholds
+            )
         entries[name] = {
+            "detection": detection,
             "fingerprint": model_fingerprint(model),
             "flags": flags,
             "keys": keys,
@@ -199,6 +220,8 @@ def load_run(directory: str | os.PathLike[str]) -> RunResult:
             summary = summarize_minimal(
                 store, entry["keys"], model=name, indices=config.indices, thresholds=thresholds
             )
+            if entry.get("detection"):
+                summary.detection.extend(summarize_detection(entry["detection"]))
             summary.flags.extend([*entry["flags"], *result_flags(summary)])
             summaries.append(summary)
         else:

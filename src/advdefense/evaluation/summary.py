@@ -105,6 +105,7 @@ class ModelSummary:
     attacks: dict[str, AttackResult]
     norms: dict[Norm, NormResult]
     flags: list[str] = field(default_factory=list)
+    detection: list[Any] = field(default_factory=list)  # AttackDetection, when a detector ran
 
     @property
     def minimal_accuracy(self) -> float:
