@@ -25,6 +25,7 @@ from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.suites import AttackSuite
 from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
+from advdefense.evaluation.detection import robust_under_rejection
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.report import plot_accuracy_curves, render, report_json, write_reports
 from advdefense.evaluation.robustness import clean_accuracy, predict
@@ -543,6 +544,24 @@ def test_detection_in_a_run(tmp_path: Path) -> None:
     deepfool = detection["l2-deepfool"]
     assert deepfool.auc > 0.95 and deepfool.pairs > 20
     assert 0 <= deepfool.tpr[0.01] <= deepfool.tpr[0.05] <= 1
+    # DeepFool breaks every sample; the detector catches the adversarials near 0.5 but also
+    # rejects the clean images nearest 0.5, so robust accuracy under rejection is in between.
+    robust = deepfool.robust_accuracy_at_threshold
+    assert robust is not None and 0 < robust <= 37 / 40
+    # cross-check with the per-sample definition in advdefense.evaluation.detection
+    reader = ResultStore(tmp_path, writable=False)
+    adversarial_images = images.clone()
+    for record in reader.records():
+        if record["attack"] == "l2-deepfool":
+            stored = reader.adversarials(record["key"])
+            assert stored is not None
+            for row, index in enumerate(record["indices"]):
+                if record["distances"][row] <= 1.5 + 1e-4:
+                    adversarial_images[index] = stored[row]
+    expected = robust_under_rejection(
+        Brightness().eval(), detector, images, labels, adversarial_images
+    )
+    assert robust == pytest.approx(float(expected.float().mean()))
     document = report_json([run])["models"]["bright"]["detection"]
     assert document["l2-deepfool"]["auc"] == deepfool.auc
     assert "Detection (gray-box" in render([run], "md")
