@@ -30,5 +30,6 @@ def reproduce(out: Path, device: torch.device, seed: int, progress: bool, n: int
         )
     )
     print(result.table)
-    print(f"wrote {', '.join(str(path) for path in result.files.values())} "
-          f"in {result.seconds:.0f} s")
+    print(
+        f"wrote {', '.join(str(path) for path in result.files.values())} in {result.seconds:.0f} s"
+    )
