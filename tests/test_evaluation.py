@@ -587,3 +587,28 @@ def test_model_fingerprint_tracks_weights() -> None:
     with torch.no_grad():
         model.scale.add_(1)
     assert model_fingerprint(model) != before
+
+
+def test_result_flags_tolerate_noise_but_catch_unreliable_attacks() -> None:
+    from advdefense.evaluation.sanity import result_flags
+    from advdefense.evaluation.summary import AttackResult, ModelSummary
+
+    def summary_with(grid_success: tuple[int, ...]) -> ModelSummary:
+        distances = np.full(1000, np.inf)
+        attack = AttackResult(
+            "noise",
+            "l2",
+            1.5,
+            distances,
+            np.zeros(1000, dtype=np.int64),
+            1.0,
+            1,
+            0,
+            (0.5, 1.0, 1.5),
+            grid_success,
+        )
+        return ModelSummary("m", 1000, 1.0, {"noise": attack}, {})
+
+    assert result_flags(summary_with((44, 43, 46))) == []
+    flags = result_flags(summary_with((300, 120, 310)))
+    assert len(flags) == 1 and "raw success fell" in flags[0]

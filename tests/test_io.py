@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,10 @@ def test_config_records_provenance(tmp_path: Path) -> None:
     assert torch.__version__.startswith(config["provenance"]["versions"]["torch"])
     assert "git_commit" in config["provenance"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("config.json", "model.safetensors"):  # readable like any other file
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_non_default_config_round_trips(tmp_path: Path) -> None:

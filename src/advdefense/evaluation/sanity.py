@@ -6,6 +6,7 @@ a short sentence naming what looks wrong; an empty list means nothing did.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -17,6 +18,7 @@ from advdefense.modes import device_of, evaluation_mode
 __all__ = ["model_flags", "result_flags"]
 
 UNBOUNDED_SUCCESS = 0.98
+SUCCESS_DROP_TOLERANCE = 0.01
 
 
 def model_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
@@ -69,9 +71,12 @@ def result_flags(summary: ModelSummary) -> list[str]:
                 f"{attack.attack_id}: accuracy at epsilon 0 ({zero:.3f}) differs from clean "
                 f"accuracy ({summary.clean_accuracy:.3f})"
             )
+        # Random starts and noise draws make a sample or two flip between grid points; a drop
+        # of more than 1% of the samples means the attack itself is unreliable on this model.
+        tolerance = max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)
         if attack.grid_success is not None and any(
-            later < earlier
-            for earlier, later in zip(attack.grid_success, attack.grid_success[1:], strict=False)
+            earlier - later > tolerance
+            for earlier, later in itertools.pairwise(attack.grid_success)
         ):
             flags.append(
                 f"{attack.attack_id}: raw success fell as epsilon grew "
