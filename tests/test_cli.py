@@ -214,6 +214,41 @@ def test_train_evaluate_report_round_trip(
     assert code == 2 and "holds a AbsCNN, not a Detector" in err
 
 
+@pytest.mark.parametrize(
+    ("architecture", "extra"),
+    [
+        ("madry", ["--pgd-steps", "2", "--pgd-epsilon", "0.1"]),
+        ("dim", ["--denoiser-epochs", "1"]),
+        ("dn-singleim", []),
+    ],
+)
+def test_train_other_architectures(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, architecture: str, extra: list[str]
+) -> None:
+    code, _, err = _run(
+        capsys,
+        "train",
+        architecture,
+        "--dataset",
+        "mnist-sample",
+        "--epochs",
+        "1",
+        "--n-train",
+        "128",
+        "--out",
+        str(tmp_path / "m"),
+        "--quiet",
+        *extra,
+    )
+    assert code == 0, err
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    expected = {"madry": "madry-cnn", "dim": "dim", "dn-singleim": "dn-singleim"}[architecture]
+    assert config["architecture"] == expected
+    assert config["training"]["train_samples"] == 128
+    model = advdefense.load(tmp_path / "m")
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
 def test_reproduce_lists_and_runs_a_recipe(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -60,7 +60,12 @@ def test_config_records_provenance(tmp_path: Path) -> None:
     )
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architecture"] == "cnn"
-    assert config["config"] == {"in_channels": 1, "num_classes": 10, "widths": [20, 70, 256]}
+    assert config["config"] == {
+        "in_channels": 1,
+        "num_classes": 10,
+        "widths": [20, 70, 256],
+        "binarize_input": False,
+    }
     assert config["dataset"] == "mnist-sample"
     assert config["seed"] == 7
     assert config["training"] == {"epochs": 2}

@@ -10,7 +10,6 @@ import argparse
 import importlib.util
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from advdefense import __version__
 from advdefense.attacks.norms import NORM_ALIASES, default_threshold
 from advdefense.attacks.suites import SUITES, AttackSuite, get_suite
 from advdefense.data import DATASETS, load_dataset, verify_datasets
+from advdefense.defenses.adversarial_training import PGDConfig
 from advdefense.defenses.detector import Detector
 from advdefense.devices import DEVICE_CHOICES, resolve_device
 from advdefense.errors import InputError, UserError
@@ -27,13 +27,11 @@ from advdefense.evaluation.report import FORMATS, plot_accuracy_curves, render, 
 from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
 from advdefense.io import load, load_config, save
-from advdefense.registry import get_architecture
-from advdefense.training.loop import TrainingConfig, train_classifier
+from advdefense.training.architectures import TRAINABLE, TrainOptions, train_architecture
 from advdefense.validation import check_positive_int
 
 __all__ = ["main"]
 
-TRAINABLE = ("cnn",)
 RECIPES_ENV_HINT = "recipes/NAME.py in the current directory or --recipes DIR"
 
 
@@ -102,13 +100,25 @@ def _build_parser() -> argparse.ArgumentParser:
         "architecture",
         metavar="ARCH",
         choices=TRAINABLE,
-        help=f"what to train: {', '.join(TRAINABLE)} (cnn: the ABS-paper CNN)",
+        help=f"what to train: {', '.join(TRAINABLE)}. cnn: the ABS-paper CNN; madry: the Madry "
+        "MNIST CNN, adversarially trained (PGD L-inf); dim/bidim: Denoised Internal Models; "
+        "im, singleim, dn-singleim: the DIM paper's ablations",
     )
     train.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset name")
     train.add_argument("--epochs", type=int, required=True, help="passes over the training set")
     train.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     train.add_argument("--n-train", type=int, help="train on the first N samples only")
+    train.add_argument(
+        "--denoiser-epochs", type=int, help="DIM family: denoiser epochs (default: --epochs)"
+    )
+    train.add_argument(
+        "--pgd-epsilon", type=float, default=0.3, help="madry: PGD L-inf epsilon (default 0.3)"
+    )
+    train.add_argument("--pgd-steps", type=int, default=40, help="madry: PGD steps (default 40)")
+    train.add_argument(
+        "--pgd-step-size", type=float, default=0.01, help="madry: PGD step size (default 0.01)"
+    )
     train.add_argument("--data-root", type=Path, help="a data directory searched first")
     _common(train, out_default=None)
     train.set_defaults(handler=_train)
@@ -244,37 +254,30 @@ def _train(args: argparse.Namespace) -> None:
     images, labels = load_dataset(args.dataset, "train", args.data_root)
     if args.n_train is not None:
         images, labels = images[: args.n_train], labels[: args.n_train]
-    config = TrainingConfig(
-        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, seed=args.seed
+    options = TrainOptions(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        seed=args.seed,
+        denoiser_epochs=args.denoiser_epochs,
+        device=device,
+        progress=not args.quiet,
+        pgd=PGDConfig(epsilon=args.pgd_epsilon, steps=args.pgd_steps, step_size=args.pgd_step_size),
     )
-    architecture = get_architecture(args.architecture)
-    channels = int(images.shape[1])
-    model = architecture(architecture.config_class(in_channels=channels))  # type: ignore[attr-defined]
-    if images.shape[2:] != (28, 28):
-        raise UserError(
-            f"{args.architecture} takes 28 x 28 images; {args.dataset} has "
-            f"{tuple(images.shape[2:])}"
-        )
-    history = train_classifier(
-        model, images, labels, config, device=device, progress=not args.quiet
-    )
+    check_positive_int(args.epochs, "--epochs")
+    model, training = train_architecture(args.architecture, images, labels, options)
     test_images, test_labels = load_dataset(args.dataset, "test", args.data_root)
     accuracy = clean_accuracy(model, test_images, test_labels)
     save(
         model,
         args.out,
         dataset=args.dataset,
-        training={**asdict(config), "train_samples": int(images.shape[0])},
+        training={**training, "train_samples": int(images.shape[0])},
         seed=args.seed,
-        metrics={
-            "train_accuracy": history.epochs[-1].accuracy,
-            "test_accuracy": accuracy,
-            "test_samples": int(test_images.shape[0]),
-        },
+        metrics={"test_accuracy": accuracy, "test_samples": int(test_images.shape[0])},
     )
     print(
-        f"saved {args.architecture} to {args.out}: train accuracy "
-        f"{100 * history.epochs[-1].accuracy:.2f}%, test accuracy {100 * accuracy:.2f}% "
+        f"saved {args.architecture} to {args.out}: test accuracy {100 * accuracy:.2f}% "
         f"(n={test_images.shape[0]})"
     )
 

@@ -86,4 +86,5 @@ def list_architectures() -> list[str]:
 
 def _import_builtin_models() -> None:
     """Import the library's own model modules, which register themselves on import."""
+    import advdefense.defenses.dim
     import advdefense.nn  # noqa: F401

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
-from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig
+from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig, binarize
+from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
+from advdefense.nn.mlp import MLP, MLPAutoencoder
 
-__all__ = ["AbsCNN", "AbsCNNConfig"]
+__all__ = [
+    "MLP",
+    "AbsCNN",
+    "AbsCNNConfig",
+    "MLPAutoencoder",
+    "MadryCNN",
+    "MadryCNNConfig",
+    "binarize",
+]

@@ -4,6 +4,12 @@ Four convolutions with kernels 5/4/3/5, strides 1/2/2/1 and 20/70/256/K channels
 ELU after the first three, no padding: a 28 x 28 image shrinks to 24, 11, 5 and finally 1 x 1, so
 the last convolution is the K-way linear read-out. Parameter names (``conv_0`` ... ``bn_2``)
 match the published ABS weights, so those load into this module unchanged.
+
+With ``binarize_input=True`` the module is the ABS paper's "Binary CNN" (biCNN): the input is
+thresholded at 0.5 (``x >= 0.5 -> 1``, else 0) before the first convolution, as in the ABS
+repository. The threshold is piecewise constant, so input gradients are exactly zero (the
+evaluation harness's zero-gradient sanity flag fires); gradient attacks need BPDA with a
+differentiable surrogate (DIM paper, App. A.2).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from torch import nn
 
 from advdefense.registry import register_model
 
-__all__ = ["AbsCNN", "AbsCNNConfig"]
+__all__ = ["AbsCNN", "AbsCNNConfig", "binarize"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class AbsCNNConfig:
     in_channels: int = 1
     num_classes: int = 10
     widths: tuple[int, int, int] = (20, 70, 256)
+    binarize_input: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "widths", tuple(self.widths))
@@ -50,8 +57,19 @@ class AbsCNN(nn.Module):
         self.activation = nn.ELU()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.config.binarize_input:
+            images = binarize(images)
         hidden = self.activation(self.bn_0(self.conv_0(images)))
         hidden = self.activation(self.bn_1(self.conv_1(hidden)))
         hidden = self.activation(self.bn_2(self.conv_2(hidden)))
         logits: torch.Tensor = self.conv_3(hidden)
         return logits.flatten(1)
+
+
+def binarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+    """``images >= threshold`` as 0/1 floats, still attached to the graph with zero gradient.
+
+    Adding ``0 * images`` keeps the output connected to the input, so a gradient query returns
+    zeros (the true gradient almost everywhere) instead of failing with "does not require grad".
+    """
+    return (images >= threshold).to(images.dtype) + images * 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -11,9 +12,19 @@ from tqdm.auto import tqdm
 
 from advdefense.devices import seed_everything
 from advdefense.errors import InputError
+from advdefense.modes import evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
-__all__ = ["EpochRecord", "TrainingConfig", "TrainingHistory", "train_classifier"]
+__all__ = [
+    "BatchTransform",
+    "EpochRecord",
+    "TrainingConfig",
+    "TrainingHistory",
+    "train_classifier",
+]
+
+BatchTransform = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(model, images, labels) -> images`` applied to each batch before the update."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,17 @@ def train_classifier(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    batch_transform: BatchTransform | None = None,
 ) -> TrainingHistory:
-    """Train ``model`` with cross-entropy on ``(images, labels)``; leave it in eval mode."""
+    """Train ``model`` with cross-entropy on ``(images, labels)``; leave it in eval mode.
+
+    ``batch_transform(model, images, labels)``, if given, replaces each (on-device) batch before
+    the forward pass, e.g. with adversarial examples (Madry et al. 2018). It runs with the model
+    in eval mode, so BatchNorm statistics are neither used from nor updated by the attack's
+    forward passes and the attack targets the model as it will be evaluated; train mode is
+    restored before the update. The recorded loss and accuracy are those on the transformed
+    batches.
+    """
     check_images(images, "images")
     check_labels(labels, "labels", batch_size=images.shape[0])
     device = device or next(model.parameters()).device
@@ -98,6 +118,9 @@ def train_classifier(
                 index = order[start : start + config.batch_size]
                 batch_images = images[index].to(device)
                 batch_labels = labels[index].to(device)
+                if batch_transform is not None:
+                    with evaluation_mode(model):
+                        batch_images = batch_transform(model, batch_images, batch_labels)
                 optimizer.zero_grad(set_to_none=True)
                 logits = model(batch_images)
                 loss = loss_function(logits, batch_labels)

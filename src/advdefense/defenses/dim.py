@@ -1,0 +1,257 @@
+"""Denoised Internal Models (DIM, biDIM) and their ablations (Yang et al., ICLR 2022 submission).
+
+A fully connected denoiser ``D`` (Sec. 3.2.1) feeds one autoencoder ``F_i`` per class
+(Sec. 3.2.2); the score of class ``i`` is the relative L1 intensity of Eq. 3,
+``||F_i(D(x))||_1 / ||D(x)||_1``, and the prediction its argmax (Eq. 4). Widths and activations
+follow Appendix A.1.1. Registered architectures:
+
+========================  ==============  ===========  ===========  ========
+name                      class           denoiser     single head  binarize
+========================  ==============  ===========  ===========  ========
+``dim``                   DIM             yes          no           no
+``bidim``                 BiDIM           yes          no           yes
+``im``                    InternalModels  no           no           no
+``singleim``              SingleHeadIM    no           yes          no
+``dn-singleim``           DnSingleHeadIM  yes          yes          no
+========================  ==============  ===========  ===========  ========
+
+Choices the paper leaves open, recorded in :class:`DIMConfig`:
+
+* ``clip_denoised=True``: the denoiser ends in Tanh, so it can output values in [-1, 0) although
+  its targets (Eq. 1) lie in [0, 1]. Clamping to [0, 1] keeps Eq. 3's L1 norms sums of pixel
+  intensities; the internal models are trained on the same clamped outputs, so training and
+  inference match. The clamp is piecewise linear, so the scores stay differentiable.
+* Binarization (biDIM, end of Sec. 3.2) maps ``x >= 0.5`` to 1: Appendix A.2 projects adversarial
+  pixels to 0.5 "as long as it retains the same result under binarization", so 0.5 is binarized
+  like 1. biDIM is trained exactly like DIM; binarization is applied at inference only.
+* Eq. 2's indicator is written the wrong way round in the paper (``I_i(x) = 0`` for class i);
+  the text is clear that ``F_i`` reconstructs its own class and outputs black otherwise, which is
+  what :mod:`advdefense.training.dim` trains.
+* A black ``D(x)`` makes Eq. 3 undefined; the denominator is clamped at ``1e-8``.
+
+Known limits: biDIM's binarization has zero gradient, so gradient attacks need BPDA (the paper
+uses a sigmoid surrogate, Appendix A.2); every model here is deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from advdefense.errors import InputError
+from advdefense.nn.mlp import MLP, MLPAutoencoder
+from advdefense.registry import register_model
+from advdefense.validation import check_images
+
+__all__ = [
+    "DIM",
+    "BiDIM",
+    "DIMConfig",
+    "DnSingleHeadIM",
+    "InternalModelClassifier",
+    "InternalModels",
+    "SingleHeadIM",
+]
+
+_EPSILON = 1e-8
+
+
+@dataclass(frozen=True)
+class DIMConfig:
+    """Constructor arguments shared by the DIM family (Appendix A.1.1 defaults).
+
+    ``use_denoiser``, ``single_head`` and ``binarize`` must match the class they configure;
+    build the default of a class with ``Class.default_config()``.
+    """
+
+    use_denoiser: bool = True
+    single_head: bool = False
+    binarize: bool = False
+    binarize_threshold: float = 0.5
+    clip_denoised: bool = True
+    num_classes: int = 10
+    image_shape: tuple[int, int, int] = (1, 28, 28)
+    denoiser_encoder_widths: tuple[int, ...] = (784, 560, 280, 140, 70)
+    denoiser_decoder_widths: tuple[int, ...] = (70, 140, 280, 560, 784)
+    internal_encoder_widths: tuple[int, ...] = (784, 256, 64, 12, 10)
+    internal_decoder_widths: tuple[int, ...] = (10, 12, 64, 256, 784)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "image_shape",
+            "denoiser_encoder_widths",
+            "denoiser_decoder_widths",
+            "internal_encoder_widths",
+            "internal_decoder_widths",
+        ):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.image_shape) != 3:
+            raise InputError(f"image_shape must be (C, H, W), got {self.image_shape}")
+        if isinstance(self.num_classes, bool) or self.num_classes < 2:
+            raise InputError(f"num_classes must be at least 2, got {self.num_classes}")
+        pixels = self.pixels
+        for prefix in ("denoiser", "internal"):
+            encoder = getattr(self, f"{prefix}_encoder_widths")
+            decoder = getattr(self, f"{prefix}_decoder_widths")
+            if len(encoder) < 2 or len(decoder) < 2 or encoder[0] != pixels:
+                raise InputError(
+                    f"{prefix}_encoder_widths must start with the {pixels} pixels, got {encoder}"
+                )
+            if decoder[-1] != pixels or encoder[-1] != decoder[0]:
+                raise InputError(
+                    f"{prefix}_decoder_widths must run from the code width {encoder[-1]} to the "
+                    f"{pixels} pixels, got {decoder}"
+                )
+        if not 0.0 < self.binarize_threshold < 1.0:
+            raise InputError(
+                f"binarize_threshold must lie in (0, 1), got {self.binarize_threshold}"
+            )
+
+    @property
+    def pixels(self) -> int:
+        """Number of input values per image (C * H * W)."""
+        return math.prod(self.image_shape)
+
+
+class InternalModelClassifier(nn.Module):
+    """Shared implementation of the DIM family; use one of the registered subclasses.
+
+    ``forward`` maps N x C x H x W images in [0, 1] to N x K relative L1 intensities (Eq. 3);
+    it does not validate its input, so attacks can call it at full speed.
+    """
+
+    config_class = DIMConfig
+    uses_denoiser: ClassVar[bool] = True
+    single_head: ClassVar[bool] = False
+    binarizes: ClassVar[bool] = False
+
+    @classmethod
+    def default_config(cls) -> DIMConfig:
+        """The paper's configuration of this variant."""
+        return DIMConfig(
+            use_denoiser=cls.uses_denoiser, single_head=cls.single_head, binarize=cls.binarizes
+        )
+
+    def __init__(self, config: DIMConfig | None = None) -> None:
+        super().__init__()
+        config = config or self.default_config()
+        wanted = (self.uses_denoiser, self.single_head, self.binarizes)
+        if (config.use_denoiser, config.single_head, config.binarize) != wanted:
+            raise InputError(
+                f"{type(self).__name__} needs use_denoiser={wanted[0]}, single_head={wanted[1]}, "
+                f"binarize={wanted[2]}; got {config.use_denoiser}, {config.single_head}, "
+                f"{config.binarize}. Start from {type(self).__name__}.default_config()"
+            )
+        self.config = config
+        self.denoiser: MLPAutoencoder | None = (
+            MLPAutoencoder(config.denoiser_encoder_widths, config.denoiser_decoder_widths)
+            if config.use_denoiser
+            else None
+        )
+        self.shared_encoder: MLP | None = None
+        self.internal_models: nn.ModuleList
+        if config.single_head:
+            self.shared_encoder = MLP(config.internal_encoder_widths, "linear")
+            self.internal_models = nn.ModuleList(
+                MLP(config.internal_decoder_widths, "tanh") for _ in range(config.num_classes)
+            )
+        else:
+            self.internal_models = nn.ModuleList(
+                MLPAutoencoder(config.internal_encoder_widths, config.internal_decoder_widths)
+                for _ in range(config.num_classes)
+            )
+
+    # -- differentiable pieces on flat N x P tensors (no validation; used by training too) --
+
+    def apply_denoiser(self, flat: torch.Tensor) -> torch.Tensor:
+        """``D`` of Sec. 3.2.1 on N x P inputs (clamped to [0, 1] if configured); identity
+        for variants without a denoiser. No binarization."""
+        if self.denoiser is None:
+            return flat
+        denoised: torch.Tensor = self.denoiser(flat)
+        return denoised.clamp(0.0, 1.0) if self.config.clip_denoised else denoised
+
+    def apply_internal_models(self, flat: torch.Tensor) -> torch.Tensor:
+        """``F_i`` of Sec. 3.2.2 for every class on N x P inputs: N x K x P."""
+        if self.shared_encoder is not None:
+            code = self.shared_encoder(flat)
+            return torch.stack([decoder(code) for decoder in self.internal_models], dim=1)
+        return torch.stack([model(flat) for model in self.internal_models], dim=1)
+
+    def _binarize(self, values: torch.Tensor) -> torch.Tensor:
+        return (values >= self.config.binarize_threshold).to(values.dtype)
+
+    def _denoise_flat(self, images: torch.Tensor) -> torch.Tensor:
+        flat = images.flatten(1)
+        if self.config.binarize:
+            flat = self._binarize(flat)
+        denoised = self.apply_denoiser(flat)
+        if self.config.binarize and self.denoiser is not None:
+            denoised = self._binarize(denoised)
+        return denoised
+
+    # -- public API --
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Relative L1 intensities ``||F_i(D(x))||_1 / ||D(x)||_1`` (Eq. 3), N x K."""
+        denoised = self._denoise_flat(images)
+        outputs = self.apply_internal_models(denoised)
+        intensity = outputs.abs().sum(dim=2)
+        total = denoised.abs().sum(dim=1, keepdim=True).clamp_min(_EPSILON)
+        return intensity / total
+
+    def _checked(self, images: torch.Tensor) -> torch.Tensor:
+        channels, height, width = self.config.image_shape
+        return check_images(images, "images", channels=channels, height=height, width=width)
+
+    def denoise(self, images: torch.Tensor) -> torch.Tensor:
+        """``D(x)`` as N x C x H x W, binarized for biDIM; the input itself without denoiser."""
+        images = self._checked(images)
+        return self._denoise_flat(images).reshape(images.shape)
+
+    def internal_outputs(self, images: torch.Tensor) -> torch.Tensor:
+        """The internal models' reconstructions ``F_i(D(x))``, N x K x P (P = C * H * W)."""
+        images = self._checked(images)
+        return self.apply_internal_models(self._denoise_flat(images))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Predicted classes (Eq. 4), N int64."""
+        return self.forward(self._checked(images)).argmax(dim=1)
+
+
+@register_model("dim")
+class DIM(InternalModelClassifier):
+    """Denoised Internal Models: denoiser + one autoencoder per class (Sec. 3.2)."""
+
+
+@register_model("bidim")
+class BiDIM(InternalModelClassifier):
+    """DIM with the input and the denoiser's output binarized at 0.5 (end of Sec. 3.2)."""
+
+    binarizes = True
+
+
+@register_model("im")
+class InternalModels(InternalModelClassifier):
+    """Ablation (Table 2): the internal models alone, without denoiser."""
+
+    uses_denoiser = False
+
+
+@register_model("singleim")
+class SingleHeadIM(InternalModelClassifier):
+    """Ablation (Table 2): one shared encoder and one decoder per class, no denoiser."""
+
+    uses_denoiser = False
+    single_head = True
+
+
+@register_model("dn-singleim")
+class DnSingleHeadIM(InternalModelClassifier):
+    """Ablation (Table 2): the single-head internal model behind the denoiser."""
+
+    single_head = True
