@@ -153,10 +153,11 @@ def _looks_like_pickle(path: Path) -> bool:
     return head[:1] == b"\x80" or head[:2] == b"PK"
 
 
-def _check_state_matches(
-    model: nn.Module, state: Mapping[str, torch.Tensor], weights_path: Path
-) -> None:
-    expected = model.state_dict()
+def state_dict_mismatches(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+) -> list[str]:
+    """What keeps ``state`` from loading where ``expected`` is wanted: missing, unexpected and
+    mis-shaped tensors, one phrase each (empty when it fits)."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     misshaped = [
@@ -171,6 +172,13 @@ def _check_state_matches(
         problems.append(f"unexpected tensors: {', '.join(unexpected)}")
     if misshaped:
         problems.append(f"mis-shaped tensors: {', '.join(misshaped)}")
+    return problems
+
+
+def _check_state_matches(
+    model: nn.Module, state: Mapping[str, torch.Tensor], weights_path: Path
+) -> None:
+    problems = state_dict_mismatches(model.state_dict(), state)
     if problems:
         raise CheckpointError(
             f"{weights_path} does not match the architecture in {CONFIG_FILE} "

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from advdefense.errors import CheckpointError, UserError
+from advdefense.io import state_dict_mismatches
 from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig
 
 __all__ = [
@@ -108,20 +109,7 @@ def load_abs_cnn(weights: str | os.PathLike[str], *, binarized: bool = False) ->
         for key, value in model.state_dict().items()
         if not key.endswith("num_batches_tracked")
     }
-    problems = []
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshaped = [
-        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
-        for key in sorted(set(expected) & set(state))
-        if state[key].shape != expected[key].shape
-    ]
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing)}")
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected)}")
-    if misshaped:
-        problems.append(f"mis-shaped tensors: {', '.join(misshaped)}")
+    problems = state_dict_mismatches(expected, state)
     if problems:
         raise CheckpointError(f"{path} is not an ABS-paper CNN state dict ({'; '.join(problems)})")
     full_state = model.state_dict()
