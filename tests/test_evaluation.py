@@ -33,7 +33,7 @@ from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices,
 from advdefense.evaluation.runner import run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags
 from advdefense.evaluation.store import ResultStore, model_fingerprint
-from advdefense.evaluation.summary import summarize_fixed, summarize_minimal
+from advdefense.evaluation.summary import ModelSummary, summarize_fixed, summarize_minimal
 from advdefense.modes import evaluation_mode
 from advdefense.registry import register_model
 
@@ -612,3 +612,66 @@ def test_result_flags_tolerate_noise_but_catch_unreliable_attacks() -> None:
     assert result_flags(summary_with((44, 43, 46))) == []
     flags = result_flags(summary_with((300, 120, 310)))
     assert len(flags) == 1 and "raw success fell" in flags[0]
+
+
+def test_planned_keys_match_the_run(tmp_path: Path) -> None:
+    from advdefense.evaluation.runner import plan_minimal_keys
+
+    images, labels = _data()
+    with ResultStore(tmp_path) as store:
+        keys = run_minimal(
+            Brightness(),
+            images,
+            labels,
+            QUICKISH,
+            store,
+            model_name="b",
+            thresholds=THRESHOLDS,
+            batch_size=16,
+            grid_points=3,
+            progress=False,
+        )
+    assert (
+        plan_minimal_keys(
+            Brightness(), QUICKISH, range(40), thresholds=THRESHOLDS, grid_points=3, batch_size=16
+        )
+        == keys
+    )
+
+
+def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
+    images, labels = _data()
+    evaluate_models(
+        {"b": Brightness().eval()},
+        images,
+        labels,
+        DETERMINISTIC,
+        _config(),
+        tmp_path,
+        progress=False,
+    )
+    # Make it look like the process died during the last attack: drop its records.
+    run_file = tmp_path / "run.json"
+    payload = json.loads(run_file.read_text())
+    payload["models"]["b"]["complete"] = False
+    run_file.write_text(json.dumps(payload))
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["attack"] != "l2-deepfool"]
+    (tmp_path / "records.jsonl").write_text("\n".join(kept) + "\n")
+    with pytest.raises(UserError, match="has not finished"):
+        load_run(tmp_path)
+    summary = load_run(tmp_path, partial=True).summaries[0]
+    assert isinstance(summary, ModelSummary)
+    assert summary.pending == ["l2-deepfool"] and set(summary.attacks) == {"fgsm"}
+    assert any("incomplete run" in flag for flag in summary.flags)
+    # resuming completes it
+    evaluate_models(
+        {"b": Brightness().eval()},
+        images,
+        labels,
+        DETERMINISTIC,
+        _config(),
+        tmp_path,
+        progress=False,
+    )
+    assert set(load_run(tmp_path).summaries[0].attacks) == {"fgsm", "l2-deepfool"}  # type: ignore[union-attr]

@@ -200,6 +200,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "runs", metavar="RUN", nargs="+", type=Path, help="run directories or results.json files"
     )
     report.add_argument("--format", choices=FORMATS, default="md", help="output format")
+    report.add_argument(
+        "--partial",
+        action="store_true",
+        help="report a run still in progress: unfinished attacks are left out and flagged",
+    )
     report.add_argument("--out", type=Path, help="write here instead of standard output")
     report.add_argument("--plot", type=Path, help="also write accuracy-vs-epsilon plot (PNG)")
     report.set_defaults(handler=_report)
@@ -364,7 +369,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _report(args: argparse.Namespace) -> None:
-    runs = [load_run(run) for run in args.runs]
+    runs = [load_run(run, partial=args.partial) for run in args.runs]
     text = render(runs, args.format)
     if args.out is None:
         print(text, end="")

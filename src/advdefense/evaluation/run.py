@@ -23,7 +23,7 @@ from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
 from advdefense.evaluation.robustness import predict
-from advdefense.evaluation.runner import run_fixed, run_minimal
+from advdefense.evaluation.runner import plan_minimal_keys, run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags, result_flags
 from advdefense.evaluation.store import ResultStore, model_fingerprint
 from advdefense.evaluation.summary import (
@@ -133,6 +133,25 @@ def _evaluate_into(
     for name, model in models.items():
         flags = model_flags(model, images, labels)
         if config.mode == "minimal":
+            planned = plan_minimal_keys(
+                model,
+                suite,
+                config.indices,
+                thresholds=thresholds,
+                grid_points=config.grid_points,
+                batch_size=config.batch_size,
+                seed=config.seed,
+            )
+            entries[name] = {
+                "fingerprint": model_fingerprint(model),
+                "flags": flags,
+                "keys": planned,
+                "attacks": _planned_attacks(suite, config),
+                "clean_correct": None,
+                "detection": None,
+                "complete": False,
+            }
+            _write_run_file(run_dir, config, entries)
             keys = run_minimal(
                 model,
                 images,
@@ -171,6 +190,8 @@ def _evaluate_into(
                 detectors[name], store, keys, images, config.indices, thresholds
             )
         entries[name] = {
+            "complete": True,
+            "attacks": _planned_attacks(suite, config) if config.mode == "minimal" else None,
             "detection": detection,
             "fingerprint": model_fingerprint(model),
             "flags": flags,
@@ -178,6 +199,12 @@ def _evaluate_into(
             "clean_correct": clean_correct,
         }
         _write_run_file(run_dir, config, entries)
+
+
+def _planned_attacks(suite: AttackSuite, config: RunConfig) -> list[str]:
+    """The attack id of each planned minimal-mode key, in the same order."""
+    batches = range(0, config.n, config.batch_size)
+    return [entry.id for _ in batches for entry in suite.entries]
 
 
 def _models_already_in(run_dir: Path, config: RunConfig) -> dict[str, Any]:
@@ -197,8 +224,12 @@ def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) ->
     os.replace(temporary, run_dir / RUN_FILE)
 
 
-def load_run(directory: str | os.PathLike[str]) -> RunResult:
-    """Rebuild a run's summaries from ``run.json`` and its record store."""
+def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> RunResult:
+    """Rebuild a run's summaries from ``run.json`` and its record store.
+
+    ``partial=True`` reports a run still in progress (or interrupted): attacks whose records are
+    not all written yet are left out and named in each summary's ``pending`` list and flags.
+    """
     run_dir = Path(directory)
     run_file = run_dir / RUN_FILE
     if not run_file.is_file():
@@ -217,8 +248,20 @@ def load_run(directory: str | os.PathLike[str]) -> RunResult:
     summaries: list[ModelSummary | FixedSummary] = []
     for name, entry in payload["models"].items():
         if config.mode == "minimal":
+            incomplete = not entry.get("complete", True)
+            if incomplete and not partial:
+                raise UserError(
+                    f"the evaluation of {name} in {run_dir} has not finished; rerun its command "
+                    "to resume, or pass --partial to report what is done"
+                )
             summary = summarize_minimal(
-                store, entry["keys"], model=name, indices=config.indices, thresholds=thresholds
+                store,
+                entry["keys"],
+                model=name,
+                indices=config.indices,
+                thresholds=thresholds,
+                planned=entry.get("attacks") or (),
+                allow_partial=partial,
             )
             if entry.get("detection"):
                 summary.detection.extend(summarize_detection(entry["detection"]))

@@ -38,7 +38,7 @@ from advdefense.evaluation.store import ResultStore, model_fingerprint, record_k
 from advdefense.modes import device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
-__all__ = ["CallCounter", "run_fixed", "run_minimal"]
+__all__ = ["CallCounter", "plan_minimal_keys", "run_fixed", "run_minimal"]
 
 NORM_TOLERANCE = 1e-5
 ProgressFactory = Callable[..., Any]
@@ -181,6 +181,54 @@ def _earlier_adversarials(
     return [adv.to(device) for key in sources if (adv := store.adversarials(key)) is not None]
 
 
+def _entry_grid(
+    entry: AttackEntry, thresholds: dict[Norm, float], grid_points: int
+) -> list[float] | None:
+    """The epsilons a fixed-epsilon attack runs at in minimal mode (None: run unbounded)."""
+    return None if entry.minimization else _grid(thresholds[entry.norm], grid_points)
+
+
+def _minimal_key(
+    context: RunContext, entry: AttackEntry, batch_indices: list[int], grid: list[float] | None
+) -> str:
+    return record_key(
+        mode="minimal",
+        model=context.fingerprint,
+        defense=context.defense_config,
+        indices=batch_indices,
+        seed=context.seed,
+        grid=grid,
+        **_entry_fields(entry),
+    )
+
+
+def plan_minimal_keys(
+    model: nn.Module,
+    suite: AttackSuite,
+    indices: Sequence[int],
+    *,
+    thresholds: dict[Norm, float],
+    grid_points: int = 8,
+    batch_size: int = 100,
+    seed: int = 0,
+    defense_config: dict[str, Any] | None = None,
+) -> list[str]:
+    """The record keys :func:`run_minimal` will produce with these arguments, in its order,
+    without running anything (so a run in progress can be reported on)."""
+    context = _context(model, "", seed, batch_size, defense_config or {})
+    indices = list(indices)
+    return [
+        _minimal_key(
+            context,
+            entry,
+            indices[start : start + batch_size],
+            _entry_grid(entry, thresholds, grid_points),
+        )
+        for start in range(0, len(indices), batch_size)
+        for entry in suite.entries
+    ]
+
+
 def run_minimal(
     model: nn.Module,
     images: torch.Tensor,
@@ -226,16 +274,8 @@ def run_minimal(
             )
             for entry in bar:
                 bar.set_postfix_str(entry.id)
-                grid = None if entry.minimization else _grid(thresholds[entry.norm], grid_points)
-                key = record_key(
-                    mode="minimal",
-                    model=context.fingerprint,
-                    defense=context.defense_config,
-                    indices=batch_indices,
-                    seed=seed,
-                    grid=grid,
-                    **_entry_fields(entry),
-                )
+                grid = _entry_grid(entry, thresholds, grid_points)
+                key = _minimal_key(context, entry, batch_indices, grid)
                 keys_so_far[entry.id] = key
                 keys.append(key)
                 if key in store:

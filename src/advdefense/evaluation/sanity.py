@@ -60,6 +60,11 @@ def model_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
 def result_flags(summary: ModelSummary) -> list[str]:
     """Checks on the evaluation's results."""
     flags = []
+    if summary.pending:
+        flags.append(
+            f"incomplete run: no results yet for {', '.join(summary.pending)} (left out of "
+            "every number, including the worst case)"
+        )
     for attack in summary.attacks.values():
         for error in attack.errors:
             flags.append(

@@ -106,6 +106,7 @@ class ModelSummary:
     norms: dict[Norm, NormResult]
     flags: list[str] = field(default_factory=list)
     detection: list[Any] = field(default_factory=list)  # AttackDetection, when a detector ran
+    pending: list[str] = field(default_factory=list)  # attacks without results yet (partial)
 
     @property
     def minimal_accuracy(self) -> float:
@@ -176,13 +177,25 @@ def summarize_minimal(
     model: str,
     indices: Sequence[int],
     thresholds: dict[Norm, float],
+    planned: Sequence[str] = (),
+    allow_partial: bool = False,
 ) -> ModelSummary:
-    """Assemble the per-sample distances of every attack from the records under ``keys``."""
+    """Assemble the per-sample distances of every attack from the records under ``keys``.
+
+    With ``allow_partial``, keys without a record yet are skipped and every attack missing a
+    batch is left out and listed in ``pending`` (``planned`` names the attack of each key).
+    """
     position = {index: p for p, index in enumerate(indices)}
     n = len(indices)
     accumulators: dict[str, _Accumulator] = {}
     clean_correct = np.zeros(n, dtype=bool)
-    for key in keys:
+    seen = np.zeros(n, dtype=bool)
+    pending: list[str] = []
+    for number, key in enumerate(keys):
+        if allow_partial and key not in store:
+            attack_id = planned[number] if number < len(planned) else key
+            pending.extend([attack_id] if attack_id not in pending else [])
+            continue
         record = _record(store, key)
         slot = accumulators.setdefault(
             record["attack"],
@@ -197,6 +210,7 @@ def summarize_minimal(
         slot.distances[where] = record["distances"]
         slot.labels[where] = record["adversarial_labels"]
         clean_correct[where] = record["clean_correct"]
+        seen[where] = True
         slot.seconds += record["seconds"]
         slot.forward_calls += record["forward_calls"]
         slot.backward_calls += record["backward_calls"]
@@ -207,16 +221,24 @@ def summarize_minimal(
             slot.grid_success = [
                 a + b for a, b in zip(previous, record["grid_success"], strict=True)
             ]
+    if not seen.all():
+        raise UserError(
+            f"{int((~seen).sum())} of {n} samples have no finished attack yet; nothing to "
+            "report for them (wait for the run, or rerun its command to resume)"
+        )
     attacks = {
         attack_id: slot.result(attack_id, thresholds[slot.norm])
         for attack_id, slot in accumulators.items()
+        if attack_id not in pending
     }
     norms: dict[Norm, NormResult] = {}
     for norm in NORMS:
         same = [a.distances for a in attacks.values() if a.norm == norm]
         if same:
             norms[norm] = NormResult(norm, thresholds[norm], np.min(np.stack(same), axis=0))
-    return ModelSummary(model, n, float(clean_correct.mean()) if n else math.nan, attacks, norms)
+    summary = ModelSummary(model, n, float(clean_correct.mean()) if n else math.nan, attacks, norms)
+    summary.pending.extend(pending)
+    return summary
 
 
 def summarize_fixed(
