@@ -639,7 +639,7 @@ def test_planned_keys_match_the_run(tmp_path: Path) -> None:
     )
 
 
-def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
+def _evaluate_bright(directory: Path) -> None:
     images, labels = _data()
     evaluate_models(
         {"b": Brightness().eval()},
@@ -647,9 +647,13 @@ def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
         labels,
         DETERMINISTIC,
         _config(),
-        tmp_path,
+        directory,
         progress=False,
     )
+
+
+def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
+    _evaluate_bright(tmp_path)
     # Make it look like the process died during the last attack: drop its records.
     run_file = tmp_path / "run.json"
     payload = json.loads(run_file.read_text())
@@ -665,13 +669,5 @@ def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
     assert summary.pending == ["l2-deepfool"] and set(summary.attacks) == {"fgsm"}
     assert any("incomplete run" in flag for flag in summary.flags)
     # resuming completes it
-    evaluate_models(
-        {"b": Brightness().eval()},
-        images,
-        labels,
-        DETERMINISTIC,
-        _config(),
-        tmp_path,
-        progress=False,
-    )
+    _evaluate_bright(tmp_path)
     assert set(load_run(tmp_path).summaries[0].attacks) == {"fgsm", "l2-deepfool"}  # type: ignore[union-attr]
