@@ -39,6 +39,7 @@ from foolbox.attacks.blended_noise import LinearSearchBlendedUniformNoiseAttack
 from foolbox.attacks.blur import GaussianBlurAttack
 from foolbox.attacks.boundary_attack import BoundaryAttack
 from foolbox.attacks.brendel_bethge import (
+    BrendelBethgeAttack,
     L0BrendelBethgeAttack,
     L1BrendelBethgeAttack,
     L2BrendelBethgeAttack,
@@ -51,9 +52,17 @@ from foolbox.attacks.contrast_min import (
     LinearSearchContrastReductionAttack,
 )
 from foolbox.attacks.ddn import DDNAttack
-from foolbox.attacks.deepfool import L2DeepFoolAttack, LinfDeepFoolAttack
+from foolbox.attacks.deepfool import DeepFoolAttack, L2DeepFoolAttack, LinfDeepFoolAttack
+from foolbox.attacks.ead import EADAttack
 from foolbox.attacks.fast_gradient_method import L2FastGradientAttack, LinfFastGradientAttack
-from foolbox.attacks.fast_minimum_norm import L0FMNAttack, L1FMNAttack, L2FMNAttack, LInfFMNAttack
+from foolbox.attacks.fast_minimum_norm import (
+    FMNAttackLp,
+    L0FMNAttack,
+    L1FMNAttack,
+    L2FMNAttack,
+    LInfFMNAttack,
+)
+from foolbox.attacks.gradient_descent_base import BaseGradientDescent
 from foolbox.attacks.inversion import InversionAttack
 from foolbox.attacks.pointwise import PointwiseAttack
 from foolbox.attacks.projected_gradient_descent import (
@@ -64,10 +73,29 @@ from foolbox.attacks.projected_gradient_descent import (
 from foolbox.attacks.saltandpepper import SaltAndPepperNoiseAttack
 from foolbox.distances import LpDistance, l1, l2, linf
 
+from advdefense.attacks.adaptive import (
+    AllTargetsAttack,
+    L2DLRAllTargetsAttack,
+    L2MarginAllTargetsAttack,
+    LinfDLRAllTargetsAttack,
+    LinfMarginAllTargetsAttack,
+)
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError, UserError
 
 __all__ = ["ATTACKS", "DEMO_ATTACKS", "AttackEntry", "get_attack"]
+
+# Attacks that differentiate the model (everything else only queries its decisions or scores).
+_GRADIENT_BASED: tuple[type, ...] = (
+    AllTargetsAttack,
+    BaseGradientDescent,
+    BrendelBethgeAttack,
+    DDNAttack,
+    DeepFoolAttack,
+    EADAttack,
+    FMNAttackLp,
+    L2CarliniWagnerAttack,
+)
 
 
 @dataclass(frozen=True)
@@ -92,6 +120,8 @@ class AttackEntry:
         restarts: Independent runs (fresh seed each); the smallest successful result is kept.
         cost: Approximate model evaluations per sample with these parameters, for ordering.
         requires: Python modules the attack needs beyond Foolbox (Brendel-Bethge: ``numba``).
+        score_view: A score view the attack runs on (see :mod:`advdefense.declaration`), e.g.
+            ``internal-intensity`` for DIM's internal attack; models without it skip the entry.
     """
 
     id: str
@@ -105,6 +135,7 @@ class AttackEntry:
     restarts: int = 1
     cost: int = 1
     requires: tuple[str, ...] = field(default=())
+    score_view: str | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -129,6 +160,11 @@ class AttackEntry:
         """
         return isinstance(self.factory, type) and issubclass(self.factory, MinimizationAttack)
 
+    @property
+    def uses_gradients(self) -> bool:
+        """True when the attack differentiates the model, so a defense's surrogates apply."""
+        return isinstance(self.factory, type) and issubclass(self.factory, _GRADIENT_BASED)
+
     def build(self) -> Any:
         """A fresh attack object; a clear error if a required module is missing."""
         missing = [name for name in self.requires if importlib.util.find_spec(name) is None]
@@ -152,6 +188,7 @@ class AttackEntry:
             "start_from": self.start_from,
             "restarts": self.restarts,
             "cost": self.cost,
+            "score_view": self.score_view,
         }
 
 
@@ -176,6 +213,7 @@ def _entry(
     start_from: str | None = None,
     restarts: int = 1,
     requires: tuple[str, ...] = (),
+    score_view: str | None = None,
 ) -> AttackEntry:
     return AttackEntry(
         id=id,
@@ -189,6 +227,7 @@ def _entry(
         restarts=restarts,
         cost=cost,
         requires=requires,
+        score_view=score_view,
     )
 
 
@@ -536,8 +575,46 @@ _ENTRIES: tuple[AttackEntry, ...] = (
     ),
 )
 
-ATTACKS: Mapping[str, AttackEntry] = MappingProxyType({entry.id: entry for entry in _ENTRIES})
-if len(ATTACKS) != len(_ENTRIES):  # pragma: no cover - guards edits of the table above
+ADAPTIVE_STEPS = 100
+_ADAPTIVE: tuple[tuple[Norm, str, type[AllTargetsAttack]], ...] = (
+    ("linf", "margin", LinfMarginAllTargetsAttack),
+    ("l2", "margin", L2MarginAllTargetsAttack),
+    ("linf", "dlr", LinfDLRAllTargetsAttack),
+    ("l2", "dlr", L2DLRAllTargetsAttack),
+)
+_ADAPTIVE_ENTRIES: tuple[AttackEntry, ...] = (
+    *(
+        _entry(
+            f"{norm}-{loss}-all-targets",
+            norm,
+            factory,
+            f"{norm} PGD on the targeted {loss} loss towards each other class, "
+            f"{ADAPTIVE_STEPS} steps, random start (adaptive; Foolbox PGD step sizes)",
+            parameters={"steps": ADAPTIVE_STEPS},
+            cost=9 * ADAPTIVE_STEPS,
+        )
+        for norm, loss, factory in _ADAPTIVE
+    ),
+    *(
+        _entry(
+            f"{norm}-internal-all-targets",
+            norm,
+            factory,
+            f"Internal attack: {norm} PGD maximizing ||F_t(D(x))||_1 - max_j!=t ||F_j(D(x))||_1 "
+            f"towards each other class t, {ADAPTIVE_STEPS} steps (margin loss on the "
+            "internal-intensity view)",
+            parameters={"steps": ADAPTIVE_STEPS},
+            cost=9 * ADAPTIVE_STEPS,
+            score_view="internal-intensity",
+        )
+        for norm, loss, factory in _ADAPTIVE
+        if loss == "margin"
+    ),
+)
+_ALL_ENTRIES = (*_ENTRIES, *_ADAPTIVE_ENTRIES)
+
+ATTACKS: Mapping[str, AttackEntry] = MappingProxyType({entry.id: entry for entry in _ALL_ENTRIES})
+if len(ATTACKS) != len(_ALL_ENTRIES):  # pragma: no cover - guards edits of the table above
     raise RuntimeError("duplicate attack ids in the catalogue")
 
 DEMO_ATTACKS: tuple[str, ...] = ("fgsm", "linf-pgd", "l2-pgd", "l2-deepfool")

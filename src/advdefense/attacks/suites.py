@@ -9,6 +9,11 @@
     runs in L2. "Pointwise x 10" is Foolbox's Pointwise attack with 10 restarts, best kept.
 ``quick``
     FGSM, L-inf PGD, L2 PGD, DDN, L2 DeepFool and additive Gaussian noise: demos and tests.
+``adaptive``
+    What the DIM paper did not run (DESIGN.md §3.4): L-inf and L2 PGD, 100 steps, on the
+    targeted margin and DLR losses towards each of the K - 1 other classes, and the internal
+    attack (the margin loss on a defense's ``internal-intensity`` score view; models without
+    that view skip it). See :mod:`advdefense.attacks.adaptive`.
 ``minimal``
     Strong minimal-norm attacks for median distances: FMN in L0/L1/L2/L-inf, DDN, and
     Brendel-Bethge in each norm started from a PGD adversarial (``start_from``). PGD is a
@@ -197,6 +202,22 @@ _SUITES = (
         ),
         "Minimal-norm attacks for median distances: FMN (L0/L1/L2/L-inf), DDN, and "
         "Brendel-Bethge started from PGD adversarials",
+    ),
+    AttackSuite(
+        "adaptive",
+        "1",
+        _cheapest_first(
+            (
+                "linf-margin-all-targets",
+                "linf-dlr-all-targets",
+                "linf-internal-all-targets",
+                "l2-margin-all-targets",
+                "l2-dlr-all-targets",
+                "l2-internal-all-targets",
+            ),
+        ),
+        "Adaptive PGD for scores that are not logits: targeted margin and DLR losses towards "
+        "every other class, and DIM's internal attack, in L-inf and L2",
     ),
 )
 

@@ -29,8 +29,12 @@ Choices the paper leaves open, recorded in :class:`DIMConfig`:
   what :mod:`advdefense.training.dim` trains.
 * A black ``D(x)`` makes Eq. 3 undefined; the denominator is clamped at ``1e-8``.
 
-Known limits: biDIM's binarization has zero gradient, so gradient attacks need BPDA (the paper
-uses a sigmoid surrogate, Appendix A.2); every model here is deterministic.
+How to attack them (:meth:`InternalModelClassifier.attack_declaration`): biDIM's binarization
+has zero gradient, so it declares the paper's sigmoid proxies (Appendix A.2) and BPDA with the
+identity as surrogates, and its binarization threshold for the fine-tune projection. Every
+variant offers the score view ``internal-intensity``, the un-normalized ``||F_i(D(x))||_1``
+(same argmax as Eq. 3), for the internal attack that maximizes ``||F_t|| - ||F_y||``. Every
+model here is deterministic.
 """
 
 from __future__ import annotations
@@ -42,7 +46,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from advdefense.declaration import AttackDeclaration, MethodView
 from advdefense.errors import InputError
+from advdefense.nn.binarization import Binarization, binarization_surrogates
 from advdefense.nn.mlp import MLP, MLPAutoencoder
 from advdefense.registry import register_model
 from advdefense.validation import check_images
@@ -182,27 +188,60 @@ class InternalModelClassifier(nn.Module):
             return torch.stack([decoder(code) for decoder in self.internal_models], dim=1)
         return torch.stack([model(flat) for model in self.internal_models], dim=1)
 
-    def _binarize(self, values: torch.Tensor) -> torch.Tensor:
-        return (values >= self.config.binarize_threshold).to(values.dtype)
-
-    def _denoise_flat(self, images: torch.Tensor) -> torch.Tensor:
+    def _denoise_flat(
+        self, images: torch.Tensor, binarization: Binarization | None = None
+    ) -> torch.Tensor:
         flat = images.flatten(1)
-        if self.config.binarize:
-            flat = self._binarize(flat)
-        denoised = self.apply_denoiser(flat)
-        if self.config.binarize and self.denoiser is not None:
-            denoised = self._binarize(denoised)
-        return denoised
+        if not self.config.binarize:
+            return self.apply_denoiser(flat)
+        binarize = binarization or Binarization(self.config.binarize_threshold)
+        denoised = self.apply_denoiser(binarize(flat))
+        return binarize(denoised) if self.denoiser is not None else denoised
 
     # -- public API --
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Relative L1 intensities ``||F_i(D(x))||_1 / ||D(x)||_1`` (Eq. 3), N x K."""
-        denoised = self._denoise_flat(images)
-        outputs = self.apply_internal_models(denoised)
-        intensity = outputs.abs().sum(dim=2)
-        total = denoised.abs().sum(dim=1, keepdim=True).clamp_min(_EPSILON)
-        return intensity / total
+        return self.scores(images)
+
+    def scores(
+        self,
+        images: torch.Tensor,
+        *,
+        binarization: Binarization | None = None,
+        normalized: bool = True,
+    ) -> torch.Tensor:
+        """Eq. 3 (``normalized``) or the raw intensities ``||F_i(D(x))||_1``; both have the same
+        argmax. ``binarization`` replaces biDIM's hard threshold (a surrogate for attacks)."""
+        denoised = self._denoise_flat(images, binarization)
+        intensity = self.apply_internal_models(denoised).abs().sum(dim=2)
+        if not normalized:
+            return intensity
+        return intensity / denoised.abs().sum(dim=1, keepdim=True).clamp_min(_EPSILON)
+
+    def attack_declaration(self) -> AttackDeclaration:
+        """Surrogates (biDIM: sigmoid proxies and BPDA) and the ``internal-intensity`` view."""
+        threshold = self.config.binarize_threshold
+        view_binarization = Binarization(threshold, straight_through=True)
+        views = {
+            "internal-intensity": MethodView(
+                self,
+                "scores",
+                normalized=False,
+                binarization=view_binarization if self.config.binarize else None,
+            )
+        }
+        if not self.config.binarize:
+            return AttackDeclaration(score_views=views)
+        return AttackDeclaration(
+            differentiable=False,
+            surrogates={
+                b.name: MethodView(self, "scores", binarization=b)
+                for b in binarization_surrogates(threshold)
+            },
+            score_views=views,
+            binarization_threshold=threshold,
+        )
 
     def _checked(self, images: torch.Tensor) -> torch.Tensor:
         channels, height, width = self.config.image_shape

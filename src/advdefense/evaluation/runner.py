@@ -33,8 +33,11 @@ from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
 from advdefense.attacks.starting_points import best_starting_points, run_attack
 from advdefense.attacks.suites import AttackSuite
+from advdefense.declaration import declaration_of
 from advdefense.errors import InputError
+from advdefense.evaluation.counting import CallCounter
 from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
+from advdefense.evaluation.targets import attack_targets, refine_binarized
 from advdefense.modes import device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
@@ -42,33 +45,6 @@ __all__ = ["CallCounter", "plan_minimal_keys", "run_fixed", "run_minimal"]
 
 NORM_TOLERANCE = 1e-5
 ProgressFactory = Callable[..., Any]
-
-
-class CallCounter(nn.Module):
-    """Wraps a classifier and counts batched forward and backward passes through it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.forward_calls = 0
-        self.backward_calls = 0
-        self.training = model.training  # mirrors the model; never changes it
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        self.forward_calls += 1
-        scores: torch.Tensor = self.model(images)
-        if scores.requires_grad:
-            scores.register_hook(self._count_backward)  # type: ignore[no-untyped-call]
-        return scores
-
-    def _count_backward(self, gradient: torch.Tensor) -> None:
-        self.backward_calls += 1
-
-    def reset(self) -> tuple[int, int]:
-        """Return (forward, backward) counts so far and start again from zero."""
-        counts = (self.forward_calls, self.backward_calls)
-        self.forward_calls = self.backward_calls = 0
-        return counts
 
 
 @dataclass(frozen=True)
@@ -90,6 +66,11 @@ def _batch_seed(seed: int, attack_id: str, indices: Sequence[int]) -> int:
 def _context(
     model: nn.Module, model_name: str, seed: int, batch_size: int, defense_config: dict[str, Any]
 ) -> RunContext:
+    """A defense's declaration is part of its identity: attacking it through other surrogates
+    gives other results (plain classifiers keep the keys they always had)."""
+    declaration = declaration_of(model)
+    if not declaration.is_default:
+        defense_config = {**defense_config, "declaration": declaration.to_json()}
     return RunContext(model_name, model_fingerprint(model), defense_config, seed, batch_size)
 
 
@@ -312,9 +293,19 @@ def run_minimal(
     return keys
 
 
-def _attack_or_error(
+@dataclass(frozen=True)
+class _Attacked:
+    """Candidate adversarials of one attack on one batch, from every target it ran on."""
+
+    candidates: list[tuple[int, torch.Tensor]]  # (epsilon position, adversarials)
+    targets: list[str]
+    error: str | None
+
+
+def _attack_targets(
     entry: AttackEntry,
     foolbox_model: PyTorchModel,
+    counter: CallCounter,
     images: torch.Tensor,
     labels: torch.Tensor,
     epsilons: list[float | None],
@@ -322,25 +313,56 @@ def _attack_or_error(
     starting_points: torch.Tensor | None,
     mask: torch.Tensor | None,
     generator_seed: int,
-) -> tuple[list[torch.Tensor], str | None]:
-    """Run the attack; when it raises (e.g. no gradient reaches the input), return the clean
-    images for every epsilon and the error, which is stored and flagged in the report."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            adversarials, _ = run_attack(
-                entry,
-                foolbox_model,
-                images,
-                labels,
-                epsilons,
-                starting_points=starting_points,
-                mask=mask,
-                generator_seed=generator_seed,
-            )
-        return list(adversarials), None
-    except Exception as error:  # recorded in the store and shown as a report flag
-        return [images.clone() for _ in epsilons], f"{type(error).__name__}: {error}"
+) -> _Attacked:
+    """Run the attack on every target the defense declares for it (see
+    :mod:`advdefense.evaluation.targets`), refine binarized adversarials, and collect them.
+
+    An attack that raises on a target (e.g. no gradient reaches the input) contributes nothing
+    from it; its error is stored and flagged in the report. No target at all (the model lacks
+    the entry's score view) yields the clean images and an error saying so.
+    """
+    declaration = declaration_of(counter.model)
+    targets = attack_targets(entry, declaration, foolbox_model, images.device)
+    if not targets:
+        return _Attacked(
+            [(position, images.clone()) for position in range(len(epsilons))],
+            [],
+            f"skipped: the model declares no score view {entry.score_view!r}",
+        )
+    candidates: list[tuple[int, torch.Tensor]] = []
+    errors: list[str] = []
+    for target in targets:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                adversarials, _ = run_attack(
+                    entry,
+                    target.foolbox_model,
+                    images,
+                    labels,
+                    epsilons,
+                    starting_points=starting_points,
+                    mask=mask,
+                    generator_seed=generator_seed,
+                )
+            if declaration.binarization_threshold is not None:
+                adversarials = [
+                    refine_binarized(
+                        foolbox_model, images, labels, found, declaration.binarization_threshold
+                    )
+                    for found in adversarials
+                ]
+        except Exception as error:  # recorded in the store and shown as a report flag
+            where = "" if len(targets) == 1 else f"[{target.name}] "
+            errors.append(f"{where}{type(error).__name__}: {error}")
+            continue
+        finally:
+            if target.counter is not None:
+                counter.add(target.counter)
+        candidates.extend(enumerate(adversarials))
+    if not candidates:
+        candidates = [(position, images.clone()) for position in range(len(epsilons))]
+    return _Attacked(candidates, [t.name for t in targets], "; ".join(errors) or None)
 
 
 def _minimal_batch(
@@ -358,9 +380,10 @@ def _minimal_batch(
     started = time.perf_counter()
     epsilons: list[float | None] = [None] if grid is None else list(grid)
     starting_points, mask = start
-    adversarial_list, error = _attack_or_error(
+    attacked = _attack_targets(
         entry,
         foolbox_model,
+        counter,
         images,
         labels,
         epsilons,
@@ -374,14 +397,14 @@ def _minimal_batch(
     distances = torch.full((count,), math.inf, device=images.device)
     chosen = images.clone()
     chosen_labels = clean_predicted.clone()
-    grid_success: list[int] = []
-    for position, adversarials in enumerate(adversarial_list):
+    grid_hits = torch.zeros((len(epsilons), count), dtype=torch.bool, device=images.device)
+    for position, adversarials in attacked.candidates:
         clipped, measured, predicted = _recheck(counter, images, labels, adversarials, entry.norm)
         success = predicted != labels
         if grid is not None:
             budget = grid[position] * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
             success &= measured <= budget
-            grid_success.append(int(success.sum()))
+            grid_hits[position] |= success
         better = success & (measured < distances)
         distances = torch.where(better, measured, distances)
         chosen[better] = clipped[better]
@@ -396,12 +419,13 @@ def _minimal_batch(
         "adversarial_labels": [int(p) for p in chosen_labels.cpu()],
         "clean_correct": [bool(c) for c in (~already_wrong).cpu()],
         "grid": grid,
-        "grid_success": grid_success if grid is not None else None,
+        "grid_success": [int(hits.sum()) for hits in grid_hits] if grid is not None else None,
         "started": None if mask is None else [bool(m) for m in mask.cpu()],
         "seconds": time.perf_counter() - started,
         "forward_calls": forward_calls,
         "backward_calls": backward_calls,
-        "error": error,
+        "targets": attacked.targets,
+        "error": attacked.error,
     }
     return record, chosen
 
@@ -524,9 +548,10 @@ def _fixed_batch(
     counter.reset()
     started = time.perf_counter()
     starting_points, mask = start
-    adversarial_list, error = _attack_or_error(
+    attacked = _attack_targets(
         entry,
         foolbox_model,
+        counter,
         images,
         labels,
         [epsilon],
@@ -534,9 +559,19 @@ def _fixed_batch(
         mask=mask,
         generator_seed=batch_seed,
     )
-    _, measured, predicted = _recheck(counter, images, labels, adversarial_list[0], entry.norm)
     budget = epsilon * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
-    broken = (predicted != labels) & (measured <= budget)
+    broken = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    measured = torch.full((images.shape[0],), math.inf, device=images.device)
+    predicted: torch.Tensor | None = None
+    for _, adversarials in attacked.candidates:
+        _, distances, found_labels = _recheck(counter, images, labels, adversarials, entry.norm)
+        success = (found_labels != labels) & (distances <= budget)
+        better = success & (distances < measured)
+        predicted = found_labels if predicted is None else predicted
+        measured = torch.where(better, distances, measured)
+        predicted = torch.where(better, found_labels, predicted)
+        broken |= success
+    assert predicted is not None  # _attack_targets always returns candidates
     forward_calls, backward_calls = counter.reset()
     return {
         "broken": [bool(b) for b in broken.cpu()],
@@ -547,5 +582,6 @@ def _fixed_batch(
         "seconds": time.perf_counter() - started,
         "forward_calls": forward_calls,
         "backward_calls": backward_calls,
-        "error": error,
+        "targets": attacked.targets,
+        "error": attacked.error,
     }

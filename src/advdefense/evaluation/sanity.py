@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from advdefense.declaration import declaration_of
 from advdefense.evaluation.summary import ModelSummary
 from advdefense.modes import device_of, evaluation_mode
 
@@ -22,7 +23,12 @@ SUCCESS_DROP_TOLERANCE = 0.01
 
 
 def model_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[str]:
-    """Checks on the model itself, on a few clean samples (the model's mode is restored)."""
+    """Checks on the model itself, on a few clean samples (the model's mode is restored).
+
+    Gradients are checked on what gradient attacks differentiate: the model, or the surrogates
+    of a defense that declares some (:mod:`advdefense.declaration`); the harness keeps the best
+    result over surrogates, so a sample is flagged only when every surrogate's gradient is zero.
+    """
     flags = []
     if model.training:
         flags.append("model was handed over in training mode (evaluated in eval mode)")
@@ -40,21 +46,32 @@ def model_flags(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) ->
                 "outputs look like probabilities (rows are non-negative and sum to 1): "
                 "gradient attacks on softmax outputs can vanish; return logits"
             )
-        inputs = images.clone().requires_grad_(True)
-        with torch.enable_grad():
-            loss = nn.functional.cross_entropy(model(inputs), labels)
-            (gradient,) = torch.autograd.grad(loss, inputs, allow_unused=True)
-        if gradient is None:
-            gradient = torch.zeros_like(inputs)
-        if not bool(torch.isfinite(gradient).all()):
-            flags.append("input gradients on clean samples are not finite")
-        elif bool((gradient.flatten(1).abs().sum(1) == 0).any()):
-            zero = int((gradient.flatten(1).abs().sum(1) == 0).sum())
+        declaration = declaration_of(model)
+        attacked = dict(declaration.surrogates) or {"": model}
+        no_gradient = torch.ones(len(images), dtype=torch.bool, device=device)
+        for name, target in attacked.items():
+            gradient = _input_gradient(target, images, labels)
+            if not bool(torch.isfinite(gradient).all()):
+                where = f" through surrogate {name}" if name else ""
+                flags.append(f"input gradients{where} on clean samples are not finite")
+            no_gradient &= gradient.flatten(1).abs().sum(1) == 0
+        if bool(no_gradient.any()):
+            where = " through every surrogate" if declaration.surrogates else ""
+            hint = "a better surrogate" if declaration.surrogates else "a BPDA surrogate"
             flags.append(
-                f"zero input gradients on {zero} of {len(gradient)} clean samples "
-                "(gradient masking? declare a BPDA surrogate)"
+                f"zero input gradients{where} on {int(no_gradient.sum())} of {len(images)} "
+                f"clean samples (gradient masking? declare {hint} in attack_declaration)"
             )
     return flags
+
+
+def _input_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy gradient at the inputs (zeros where no gradient reaches them)."""
+    inputs = images.clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = nn.functional.cross_entropy(model(inputs), labels)
+        (gradient,) = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return torch.zeros_like(inputs) if gradient is None else gradient
 
 
 def result_flags(summary: ModelSummary) -> list[str]:

@@ -7,9 +7,10 @@ match the published ABS weights, so those load into this module unchanged.
 
 With ``binarize_input=True`` the module is the ABS paper's "Binary CNN" (biCNN): the input is
 thresholded at 0.5 (``x >= 0.5 -> 1``, else 0) before the first convolution, as in the ABS
-repository. The threshold is piecewise constant, so input gradients are exactly zero (the
-evaluation harness's zero-gradient sanity flag fires); gradient attacks need BPDA with a
-differentiable surrogate (DIM paper, App. A.2).
+repository. The threshold is piecewise constant, so input gradients are exactly zero; the model
+therefore declares itself non-differentiable (:meth:`AbsCNN.attack_declaration`) with the DIM
+paper's sigmoid proxies and BPDA as surrogates (App. A.2), which the evaluation harness attacks
+instead, judging every adversarial on the hard-threshold model.
 """
 
 from __future__ import annotations
@@ -19,9 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from advdefense.declaration import AttackDeclaration, MethodView
+from advdefense.nn.binarization import Binarization, binarization_surrogates
 from advdefense.registry import register_model
 
 __all__ = ["AbsCNN", "AbsCNNConfig", "binarize"]
+
+BINARIZE_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -56,20 +61,30 @@ class AbsCNN(nn.Module):
         self.conv_3 = nn.Conv2d(third, self.config.num_classes, kernel_size=5, stride=1)
         self.activation = nn.ELU()
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, *, binarization: Binarization | None = None
+    ) -> torch.Tensor:
+        """N x K logits; ``binarization`` replaces the hard threshold (biCNN only)."""
         if self.config.binarize_input:
-            images = binarize(images)
+            images = (binarization or Binarization(BINARIZE_THRESHOLD))(images)
         hidden = self.activation(self.bn_0(self.conv_0(images)))
         hidden = self.activation(self.bn_1(self.conv_1(hidden)))
         hidden = self.activation(self.bn_2(self.conv_2(hidden)))
         logits: torch.Tensor = self.conv_3(hidden)
         return logits.flatten(1)
 
+    def attack_declaration(self) -> AttackDeclaration:
+        """biCNN: not differentiable; attacked through its binarization surrogates."""
+        if not self.config.binarize_input:
+            return AttackDeclaration()
+        surrogates = binarization_surrogates(BINARIZE_THRESHOLD)
+        return AttackDeclaration(
+            differentiable=False,
+            surrogates={b.name: MethodView(self, "forward", binarization=b) for b in surrogates},
+            binarization_threshold=BINARIZE_THRESHOLD,
+        )
 
-def binarize(images: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """``images >= threshold`` as 0/1 floats, still attached to the graph with zero gradient.
 
-    Adding ``0 * images`` keeps the output connected to the input, so a gradient query returns
-    zeros (the true gradient almost everywhere) instead of failing with "does not require grad".
-    """
-    return (images >= threshold).to(images.dtype) + images * 0.0
+def binarize(images: torch.Tensor, threshold: float = BINARIZE_THRESHOLD) -> torch.Tensor:
+    """``images >= threshold`` as 0/1 floats, attached to the graph with zero gradient."""
+    return Binarization(threshold)(images)

@@ -1,0 +1,40 @@
+"""Counting the batched forward and backward passes an attack makes (reported per record)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["CallCounter"]
+
+
+class CallCounter(nn.Module):
+    """Wraps a classifier and counts batched forward and backward passes through it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_calls = 0
+        self.backward_calls = 0
+        self.training = model.training  # mirrors the model; never changes it
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self.forward_calls += 1
+        scores: torch.Tensor = self.model(images)
+        if scores.requires_grad:
+            scores.register_hook(self._count_backward)  # type: ignore[no-untyped-call]
+        return scores
+
+    def _count_backward(self, gradient: torch.Tensor) -> None:
+        self.backward_calls += 1
+
+    def reset(self) -> tuple[int, int]:
+        """Return (forward, backward) counts so far and start again from zero."""
+        counts = (self.forward_calls, self.backward_calls)
+        self.forward_calls = self.backward_calls = 0
+        return counts
+
+    def add(self, other: CallCounter) -> None:
+        """Add ``other``'s counts to these (e.g. the calls an attack made on a surrogate)."""
+        self.forward_calls += other.forward_calls
+        self.backward_calls += other.backward_calls

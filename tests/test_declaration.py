@@ -1,0 +1,270 @@
+"""Defense declarations: binarization surrogates (BPDA), score views, adaptive losses, and how
+the harness uses them (DESIGN.md §1 and §3.4)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from foolbox.models.pytorch import PyTorchModel
+from torch import nn
+
+from advdefense.attacks import get_attack
+from advdefense.attacks.adaptive import LinfMarginAllTargetsAttack, dlr_loss, margin_loss
+from advdefense.attacks.suites import AttackSuite, get_suite
+from advdefense.declaration import AttackDeclaration, MethodView, declaration_of
+from advdefense.defenses.dim import DIM, BiDIM
+from advdefense.errors import InputError
+from advdefense.evaluation.runner import run_fixed, run_minimal
+from advdefense.evaluation.sanity import model_flags
+from advdefense.evaluation.store import ResultStore
+from advdefense.evaluation.summary import summarize_minimal
+from advdefense.evaluation.targets import refine_binarized
+from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig
+from advdefense.nn.binarization import Binarization, binarization_surrogates
+
+SURROGATE_NAMES = {
+    "sigmoid-10",
+    "sigmoid-15",
+    "sigmoid-20",
+    "sigmoid-50",
+    "sigmoid-100",
+    "bpda-identity",
+}
+
+
+class BinarizedBrightness(nn.Module):
+    """Class 1 when more than half the pixels are >= 0.5 (a binarizing toy defense)."""
+
+    def __init__(self, declare: bool = True) -> None:
+        super().__init__()
+        self.declare = declare
+
+    def forward(
+        self, images: torch.Tensor, *, binarization: Binarization | None = None
+    ) -> torch.Tensor:
+        score = 20.0 * ((binarization or Binarization())(images).flatten(1).mean(1) - 0.5)
+        return torch.stack([-score, score], dim=1)
+
+    def attack_declaration(self) -> AttackDeclaration:
+        if not self.declare:
+            return AttackDeclaration()
+        return AttackDeclaration(
+            differentiable=False,
+            surrogates={
+                b.name: MethodView(self, "forward", binarization=b)
+                for b in binarization_surrogates()
+            },
+            binarization_threshold=0.5,
+        )
+
+
+def _levels(n: int = 12) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    levels = torch.linspace(0.1, 0.9, n)
+    images = levels.view(n, 1, 1, 1).expand(n, 1, 4, 4).clone()
+    return images, (levels >= 0.5).long(), levels
+
+
+def test_binarization_values_and_gradients() -> None:
+    values = torch.tensor([0.2, 0.5, 0.7], requires_grad=True)
+    assert Binarization()(values).tolist() == [0.0, 1.0, 1.0]
+    (hard_gradient,) = torch.autograd.grad(Binarization()(values).sum(), values)
+    assert hard_gradient.tolist() == [0.0, 0.0, 0.0]
+    straight = Binarization(straight_through=True)
+    assert straight(values).tolist() == [0.0, 1.0, 1.0]
+    (identity_gradient,) = torch.autograd.grad(straight(values).sum(), values)
+    assert identity_gradient.tolist() == [1.0, 1.0, 1.0]
+    sigmoid = Binarization(sigmoid_alpha=10.0)
+    assert sigmoid(values)[1].item() == pytest.approx(0.5)
+    assert sigmoid(values)[0].item() == pytest.approx(1 / (1 + math.exp(3.0)))
+    assert [b.name for b in binarization_surrogates()] == [
+        "sigmoid-10",
+        "sigmoid-15",
+        "sigmoid-20",
+        "sigmoid-50",
+        "sigmoid-100",
+        "bpda-identity",
+    ]
+    with pytest.raises(InputError, match="not both"):
+        Binarization(sigmoid_alpha=10.0, straight_through=True)
+    with pytest.raises(InputError, match="threshold"):
+        Binarization(threshold=1.5)
+
+
+def test_declarations_of_the_binarizing_models() -> None:
+    assert declaration_of(nn.Linear(2, 2)).is_default
+    assert declaration_of(AbsCNN()).is_default
+    bicnn = declaration_of(AbsCNN(AbsCNNConfig(binarize_input=True)))
+    assert not bicnn.differentiable and set(bicnn.surrogates) == SURROGATE_NAMES
+    assert bicnn.binarization_threshold == 0.5
+    bidim = declaration_of(BiDIM().eval())
+    assert set(bidim.surrogates) == SURROGATE_NAMES
+    assert set(declaration_of(DIM()).score_views) == {"internal-intensity"}
+    assert declaration_of(DIM()).surrogates == {}
+
+
+@pytest.mark.parametrize("model_class", [DIM, BiDIM])
+def test_dim_views_keep_the_decisions(model_class: type[DIM]) -> None:
+    torch.manual_seed(0)
+    model = model_class().eval()
+    images = torch.rand(16, 1, 28, 28)
+    declaration = declaration_of(model)
+    with torch.no_grad():
+        predicted = model(images).argmax(1)
+        intensity = declaration.score_views["internal-intensity"](images)
+    assert torch.equal(intensity.argmax(1), predicted)
+    assert torch.allclose(model.scores(images, normalized=False), intensity)
+    if declaration.surrogates:
+        straight = declaration.surrogates["bpda-identity"]
+        with torch.no_grad():
+            assert torch.equal(straight(images), model(images))
+        inputs = images.clone().requires_grad_(True)
+        for surrogate in declaration.surrogates.values():
+            (gradient,) = torch.autograd.grad(surrogate(inputs).max(1).values.sum(), inputs)
+            assert torch.isfinite(gradient).all() and gradient.abs().sum() > 0
+
+
+def test_zero_gradient_flag_only_without_surrogates() -> None:
+    images, labels, _ = _levels()
+    undeclared = model_flags(BinarizedBrightness(declare=False), images, labels)
+    assert any("zero input gradients" in flag for flag in undeclared)
+    assert model_flags(BinarizedBrightness().eval(), images, labels) == []
+
+
+def test_refinement_keeps_the_binarized_decision_and_moves_closer() -> None:
+    torch.manual_seed(0)
+    model = AbsCNN(AbsCNNConfig(binarize_input=True)).eval()
+    foolbox_model = PyTorchModel(model, bounds=(0.0, 1.0))
+    images = torch.rand(8, 1, 28, 28)
+    far = (images + 0.4 * torch.randn_like(images)).clamp(0, 1)
+    labels = model(images).argmax(1)
+    refined = refine_binarized(foolbox_model, images, labels, far, 0.5)
+    with torch.no_grad():
+        assert torch.equal(model(refined).argmax(1), model(far).argmax(1))
+    assert ((refined - images).abs() <= (far - images).abs() + 1e-7).all()
+    flipped = (far >= 0.5) != (images >= 0.5)
+    assert torch.equal((refined >= 0.5), (far >= 0.5))
+    assert torch.allclose(refined[~flipped], images[~flipped])
+
+
+def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path) -> None:
+    images, labels, levels = _levels()
+    suite = AttackSuite("t", "1", (get_attack("linf-pgd"), get_attack("l2-gn")), "test")
+    store = ResultStore(tmp_path)
+    keys = run_minimal(
+        BinarizedBrightness(),
+        images,
+        labels,
+        suite,
+        store,
+        model_name="binary",
+        thresholds={"linf": 0.3, "l2": 1.5},
+        grid_points=6,
+        progress=False,
+    )
+    pgd, noise = (store.get(key) for key in keys)
+    assert pgd is not None and noise is not None
+    assert set(pgd["targets"]) == SURROGATE_NAMES and pgd["error"] is None
+    assert noise["targets"] == ["model"]  # not gradient-based: the model itself
+    summary = summarize_minimal(
+        store, keys, model="binary", indices=range(12), thresholds={"linf": 0.3, "l2": 1.5}
+    )
+    distances = torch.tensor(summary.attacks["linf-pgd"].distances, dtype=torch.float32)
+    reachable = (levels - 0.5).abs() < 0.3 - 0.3 / 6
+    # through the surrogates PGD breaks what the budget allows; the refinement then puts each
+    # changed pixel just across the threshold, so the distance is about |level - 0.5|
+    assert torch.isfinite(distances[reachable]).all()
+    assert torch.allclose(
+        distances[reachable], (levels[reachable] - 0.5).abs(), atol=0.3 / 6 + 1e-6
+    )
+    adversarials = store.adversarials(keys[0])
+    assert adversarials is not None
+    with torch.no_grad():
+        assert (BinarizedBrightness()(adversarials).argmax(1) != labels)[reachable].all()
+
+
+def test_declared_runs_get_their_own_keys(tmp_path: Path) -> None:
+    images, labels, _ = _levels(4)
+    suite = AttackSuite("t", "1", (get_attack("fgsm"),), "test")
+    arguments = {"thresholds": {"linf": 0.3}, "grid_points": 2, "progress": False}
+    with ResultStore(tmp_path) as store:
+        declared = run_minimal(
+            BinarizedBrightness(), images, labels, suite, store, model_name="a", **arguments
+        )
+        plain = run_minimal(
+            BinarizedBrightness(declare=False),
+            images,
+            labels,
+            suite,
+            store,
+            model_name="b",
+            **arguments,
+        )
+    assert declared != plain
+
+
+def test_entries_needing_a_missing_score_view_are_skipped(tmp_path: Path) -> None:
+    images, labels, _ = _levels(6)
+    suite = AttackSuite("t", "1", (get_attack("linf-internal-all-targets"),), "test")
+    store = ResultStore(tmp_path)
+    (key,) = run_fixed(
+        BinarizedBrightness(declare=False),
+        images,
+        labels,
+        suite,
+        store,
+        model_name="plain",
+        norm="linf",
+        epsilon=0.3,
+        progress=False,
+    )
+    record = store.get(key)
+    assert record is not None and not any(record["broken"])
+    assert "no score view 'internal-intensity'" in record["error"]
+
+
+def test_margin_and_dlr_losses_by_hand() -> None:
+    scores = torch.tensor([[1.0, 3.0, 2.0]])
+    assert margin_loss(scores, torch.tensor([0])).item() == pytest.approx(2.0)
+    assert margin_loss(scores, torch.tensor([1])).item() == pytest.approx(-1.0)
+    # untargeted DLR: margin / (z_pi1 - z_pi3) = 2 / (3 - 1)
+    assert dlr_loss(scores, torch.tensor([0]), targeted=False).item() == pytest.approx(1.0)
+    four = torch.tensor([[4.0, 1.0, 3.0, 2.0]])
+    # targeted DLR at c = 1: (4 - 1) / (4 - (2 + 1) / 2)
+    assert dlr_loss(four, torch.tensor([1]), targeted=True).item() == pytest.approx(3 / 2.5)
+    # invariant to shifting and scaling the scores
+    assert dlr_loss(7 * four + 3, torch.tensor([1]), targeted=True).item() == pytest.approx(1.2)
+
+
+def test_all_targets_attack_breaks_what_the_budget_allows() -> None:
+    torch.manual_seed(0)
+    # class k scores the mean of row k of a 4 x 4 image: any class is reachable
+    model = nn.Sequential(nn.Flatten(), nn.Unflatten(1, (4, 4)), _RowMeans()).eval()
+    images = torch.full((6, 1, 4, 4), 0.5)
+    images[:, 0, 0, :] = 0.6  # class 0 leads by 0.1 everywhere
+    labels = torch.zeros(6, dtype=torch.long)
+    foolbox_model = PyTorchModel(model, bounds=(0.0, 1.0))
+    attack = LinfMarginAllTargetsAttack(steps=40)
+    _, clipped, success = attack(foolbox_model, images, labels, epsilons=[0.02, 0.2])
+    assert not bool(success[0].any()) and bool(success[1].all())
+    assert (clipped[1] - images).abs().max() <= 0.2 + 1e-6
+
+
+class _RowMeans(nn.Module):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.mean(2)
+
+
+def test_adaptive_suite() -> None:
+    adaptive = get_suite("adaptive")
+    assert {entry.norm for entry in adaptive.entries} == {"linf", "l2"}
+    assert all(entry.uses_gradients for entry in adaptive.entries)
+    internal = [entry for entry in adaptive.entries if entry.score_view is not None]
+    assert {entry.id for entry in internal} == {
+        "linf-internal-all-targets",
+        "l2-internal-all-targets",
+    }
+    assert not get_attack("l2-boundary").uses_gradients
+    assert get_attack("l2-carlini-wagner").uses_gradients
