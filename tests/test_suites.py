@@ -164,7 +164,8 @@ def test_dim42_runs_boundary_carlini_wagner_and_pointwise_last() -> None:
 
 
 def test_get_suite_and_suite_validation_errors() -> None:
-    with pytest.raises(InputError, match="known suites: adaptive, dim42, minimal, quick"):
+    known = "known suites: adaptive, dim42, minimal, quick, quick-adaptive"
+    with pytest.raises(InputError, match=known):
         get_suite("dim41")
     with pytest.raises(InputError, match="no attack"):
         QUICK.entry("l2-carlini-wagner")

@@ -419,6 +419,7 @@ def _reproduce(args: argparse.Namespace) -> None:
     if spec is None or spec.loader is None:
         raise UserError(f"cannot import recipe {path}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses and pickling look a module up by name
     spec.loader.exec_module(module)
     run: Callable[..., None] | None = getattr(module, "reproduce", None)
     if run is None:

@@ -14,6 +14,9 @@
     targeted margin and DLR losses towards each of the K - 1 other classes, and the internal
     attack (the margin loss on a defense's ``internal-intensity`` score view; models without
     that view skip it). See :mod:`advdefense.attacks.adaptive`.
+``quick-adaptive``
+    ``quick`` then ``adaptive``, for fixed mode (AutoAttack's protocol: each attack only on the
+    samples still robust), which makes the expensive all-targets attacks cheap.
 ``minimal``
     Strong minimal-norm attacks for median distances: FMN in L0/L1/L2/L-inf, DDN, and
     Brendel-Bethge in each norm started from a PGD adversarial (``start_from``). PGD is a
@@ -166,6 +169,16 @@ DIM42_TABLE_ORDER: tuple[str, ...] = (
     "l1-brendel-bethge",
 )
 
+QUICK_IDS = ("linf-fgsm", "linf-pgd", "l2-pgd", "l2-ddn", "l2-deepfool", "l2-gn")
+ADAPTIVE_IDS = (
+    "linf-margin-all-targets",
+    "linf-dlr-all-targets",
+    "linf-internal-all-targets",
+    "l2-margin-all-targets",
+    "l2-dlr-all-targets",
+    "l2-internal-all-targets",
+)
+
 _SUITES = (
     AttackSuite(
         "dim42",
@@ -176,9 +189,7 @@ _SUITES = (
     AttackSuite(
         "quick",
         "1",
-        _cheapest_first(
-            ("linf-fgsm", "linf-pgd", "l2-pgd", "l2-ddn", "l2-deepfool", "l2-gn"),
-        ),
+        _cheapest_first(QUICK_IDS),
         "FGSM, L-inf PGD, L2 PGD, DDN, L2 DeepFool and Gaussian noise, for demos and tests",
     ),
     AttackSuite(
@@ -206,18 +217,16 @@ _SUITES = (
     AttackSuite(
         "adaptive",
         "1",
-        _cheapest_first(
-            (
-                "linf-margin-all-targets",
-                "linf-dlr-all-targets",
-                "linf-internal-all-targets",
-                "l2-margin-all-targets",
-                "l2-dlr-all-targets",
-                "l2-internal-all-targets",
-            ),
-        ),
+        _cheapest_first(ADAPTIVE_IDS),
         "Adaptive PGD for scores that are not logits: targeted margin and DLR losses towards "
         "every other class, and DIM's internal attack, in L-inf and L2",
+    ),
+    AttackSuite(
+        "quick-adaptive",
+        "1",
+        (*_cheapest_first(QUICK_IDS), *_cheapest_first(ADAPTIVE_IDS)),
+        "The quick suite, then the adaptive one: for fixed mode, where the cheap attacks break "
+        "most samples and the adaptive ones attack only the survivors",
     ),
 )
 

@@ -252,6 +252,7 @@ def run_minimal(
                 unit="attack",
                 disable=not progress,
                 leave=False,
+                mininterval=0,  # attacks are few and slow: show each one, skipped ones too
             )
             for entry in bar:
                 bar.set_postfix_str(entry.id)
