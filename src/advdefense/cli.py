@@ -28,6 +28,7 @@ from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
 from advdefense.io import load, load_config, save
 from advdefense.training.architectures import TRAINABLE, TrainOptions, train_architecture
+from advdefense.training.pdm import PDMTrainingConfig
 from advdefense.validation import check_positive_int
 
 __all__ = ["main"]
@@ -102,12 +103,34 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=TRAINABLE,
         help=f"what to train: {', '.join(TRAINABLE)}. cnn: the ABS-paper CNN; madry: the Madry "
         "MNIST CNN, adversarially trained (PGD L-inf); dim/bidim: Denoised Internal Models; "
-        "im, singleim, dn-singleim: the DIM paper's ablations",
+        "im, singleim, dn-singleim: the DIM paper's ablations; ce, rce, siamese-rvl, pdm: a "
+        "ResNet (--arch) trained on the PDM paper's objectives",
     )
     train.add_argument("--dataset", required=True, choices=sorted(DATASETS), help="dataset name")
     train.add_argument("--epochs", type=int, required=True, help="passes over the training set")
-    train.add_argument("--batch-size", type=int, default=64, help="mini-batch size (default: 64)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    train.add_argument(
+        "--batch-size", type=int, help="mini-batch size (default: 64; pdm family: 128)"
+    )
+    train.add_argument(
+        "--lr",
+        type=float,
+        help="learning rate (default: Adam 1e-3; pdm family: SGD 0.1 with step decay)",
+    )
+    train.add_argument(
+        "--arch", default="resnet20", help="pdm family: resnet<6n+2>[-v2] (default: resnet20)"
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=PDMTrainingConfig.weight_decay,
+        help=f"pdm family: SGD weight decay (default {PDMTrainingConfig.weight_decay:g}, App. B)",
+    )
+    train.add_argument(
+        "--variance-weight",
+        type=float,
+        default=PDMTrainingConfig.variance_weight,
+        help="pdm family: weight of the reduce-variance loss (default 1, Algorithm 1)",
+    )
     train.add_argument("--n-train", type=int, help="train on the first N samples only")
     train.add_argument(
         "--denoiser-epochs", type=int, help="DIM family: denoiser epochs (default: --epochs)"
@@ -267,6 +290,9 @@ def _train(args: argparse.Namespace) -> None:
         denoiser_epochs=args.denoiser_epochs,
         device=device,
         progress=not args.quiet,
+        arch=args.arch,
+        weight_decay=args.weight_decay,
+        variance_weight=args.variance_weight,
         pgd=PGDConfig(epsilon=args.pgd_epsilon, steps=args.pgd_steps, step_size=args.pgd_step_size),
     )
     check_positive_int(args.epochs, "--epochs")

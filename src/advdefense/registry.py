@@ -87,4 +87,6 @@ def list_architectures() -> list[str]:
 def _import_builtin_models() -> None:
     """Import the library's own model modules, which register themselves on import."""
     import advdefense.defenses.dim
+    import advdefense.defenses.kde
+    import advdefense.defenses.mahalanobis
     import advdefense.nn  # noqa: F401

@@ -5,6 +5,7 @@ from __future__ import annotations
 from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig, binarize
 from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
 from advdefense.nn.mlp import MLP, MLPAutoencoder
+from advdefense.nn.resnet import ResNet, ResNetConfig, resnet_config
 
 __all__ = [
     "MLP",
@@ -13,5 +14,8 @@ __all__ = [
     "MLPAutoencoder",
     "MadryCNN",
     "MadryCNNConfig",
+    "ResNet",
+    "ResNetConfig",
     "binarize",
+    "resnet_config",
 ]

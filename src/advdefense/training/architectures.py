@@ -3,12 +3,16 @@
 ``cnn``: the ABS-paper CNN, cross-entropy (Adam). ``madry``: the Madry MNIST CNN trained on
 PGD L-inf adversarial examples only (Madry et al. 2018). ``dim``, ``bidim``, ``im``,
 ``singleim``, ``dn-singleim``: the DIM family and its ablations (DIM paper Sec. 3.2, Table 2),
-denoiser on Eq. 1 then internal models on Eq. 2.
+denoiser on Eq. 1 then internal models on Eq. 2. ``ce``, ``rce``, ``siamese-rvl``, ``pdm``: a
+ResNet (``TrainOptions.arch``) on the objectives of the PDM paper's Table 1 (SGD, App. B).
+
+Batch size and learning rate default per family: 64 and Adam 1e-3 for the CNNs and the DIM
+family, 128 and SGD 0.1 for the PDM family (App. B of the PDM paper).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,11 +26,15 @@ from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
 from advdefense.registry import get_architecture
 from advdefense.training.dim import DIMTrainingConfig, train_dim_family
 from advdefense.training.loop import TrainingConfig, train_classifier
+from advdefense.training.pdm import LOSSES, PDMTrainingConfig, build_resnet, train_pdm
 
-__all__ = ["DIM_FAMILY", "TRAINABLE", "TrainOptions", "train_architecture"]
+__all__ = ["DIM_FAMILY", "PDM_FAMILY", "TRAINABLE", "TrainOptions", "train_architecture"]
 
 DIM_FAMILY = ("dim", "bidim", "im", "singleim", "dn-singleim")
-TRAINABLE = ("cnn", "madry", *DIM_FAMILY)
+PDM_FAMILY = LOSSES
+TRAINABLE = ("cnn", "madry", *DIM_FAMILY, *PDM_FAMILY)
+_ADAM_DEFAULTS = (64, 1e-3)
+_SGD_DEFAULTS = (PDMTrainingConfig.batch_size, PDMTrainingConfig.learning_rate)
 
 
 @dataclass(frozen=True)
@@ -34,13 +42,25 @@ class TrainOptions:
     """Command-line training options; each architecture uses the ones that apply to it."""
 
     epochs: int
-    batch_size: int = 64
-    learning_rate: float = 1e-3
+    batch_size: int | None = None
+    learning_rate: float | None = None
     seed: int = 0
     denoiser_epochs: int | None = None
     pgd: PGDConfig = field(default_factory=PGDConfig)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     progress: bool = True
+    arch: str = "resnet20"
+    weight_decay: float = PDMTrainingConfig.weight_decay
+    variance_weight: float = PDMTrainingConfig.variance_weight
+
+    def resolved(self, architecture: str) -> TrainOptions:
+        """These options with the family's default batch size and learning rate filled in."""
+        batch_size, learning_rate = _SGD_DEFAULTS if architecture in PDM_FAMILY else _ADAM_DEFAULTS
+        return replace(
+            self,
+            batch_size=self.batch_size or batch_size,
+            learning_rate=self.learning_rate or learning_rate,
+        )
 
 
 def train_architecture(
@@ -49,6 +69,10 @@ def train_architecture(
     """Build ``architecture`` for ``images`` and train it; return it with its training record."""
     if architecture not in TRAINABLE:
         raise InputError(f"cannot train {architecture!r}; trainable: {', '.join(TRAINABLE)}")
+    options = options.resolved(architecture)
+    assert options.batch_size is not None and options.learning_rate is not None
+    if architecture in PDM_FAMILY:
+        return _train_pdm_family(architecture, images, labels, options)
     if tuple(images.shape[1:]) != (1, 28, 28) and architecture != "cnn":
         raise InputError(f"{architecture} takes 1 x 28 x 28 images, got {tuple(images.shape[1:])}")
     if architecture in DIM_FAMILY:
@@ -93,4 +117,31 @@ def train_architecture(
             model, images, labels, training, device=options.device, progress=options.progress
         )
         record = asdict(training)
+    return model, {**record, "final_train_accuracy": history.epochs[-1].accuracy}
+
+
+def _train_pdm_family(
+    loss: str, images: torch.Tensor, labels: torch.Tensor, options: TrainOptions
+) -> tuple[nn.Module, dict[str, Any]]:
+    assert options.batch_size is not None and options.learning_rate is not None
+    model = build_resnet(
+        options.arch,
+        loss,
+        in_channels=int(images.shape[1]),
+        num_classes=int(labels.max()) + 1,
+        seed=options.seed,
+    )
+    config = PDMTrainingConfig(
+        loss=loss,
+        epochs=options.epochs,
+        batch_size=options.batch_size,
+        learning_rate=options.learning_rate,
+        weight_decay=options.weight_decay,
+        variance_weight=options.variance_weight,
+        seed=options.seed,
+    )
+    model, history = train_pdm(
+        model, images, labels, config, device=options.device, progress=options.progress
+    )
+    record = {**asdict(config), "arch": options.arch}
     return model, {**record, "final_train_accuracy": history.epochs[-1].accuracy}
