@@ -257,6 +257,18 @@ class InternalModelClassifier(nn.Module):
         images = self._checked(images)
         return self.apply_internal_models(self._denoise_flat(images))
 
+    def latent_codes(self, images: torch.Tensor) -> torch.Tensor:
+        """The internal models' codes of ``D(x)`` (Fig. 3): N x K x code width, or N x 1 x code
+        width for the single-head variants (one shared encoder)."""
+        denoised = self._denoise_flat(self._checked(images))
+        if self.shared_encoder is not None:
+            code: torch.Tensor = self.shared_encoder(denoised)
+            return code[:, None, :]
+        encoders = [
+            model.encoder for model in self.internal_models if isinstance(model, MLPAutoencoder)
+        ]
+        return torch.stack([encoder(denoised) for encoder in encoders], dim=1)
+
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         """Predicted classes (Eq. 4), N int64."""
         return self.forward(self._checked(images)).argmax(dim=1)
