@@ -1,0 +1,115 @@
+"""Recipes: the DIM reproduction's tables are rebuilt from run directories, next to the paper."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from advdefense.attacks.suites import get_suite
+from advdefense.evaluation.run import RunConfig, evaluate_models
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def _recipe(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", RECIPES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class MeanPixel(nn.Module):
+    """Two classes by mean brightness, on 1 x 4 x 4 images."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        score = self.scale * (images.flatten(1).mean(1) - 0.5)
+        return torch.stack([-score, score], dim=1)
+
+
+def _data(n: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    levels = torch.linspace(0.1, 0.9, n)
+    return levels.view(n, 1, 1, 1).expand(n, 1, 4, 4).clone(), (levels >= 0.5).long()
+
+
+def _run(directory: Path, suite: str, mode: str, n: int, **extra: Any) -> RunConfig:
+    thresholds = {"l0": 12.0, "l1": 8.0, "l2": 1.5, "linf": 0.3}
+    return RunConfig(
+        dataset="toy",
+        split="test",
+        indices=tuple(range(n)),
+        suite=suite,
+        suite_version=get_suite(suite).version,
+        mode=mode,  # type: ignore[arg-type]
+        thresholds=thresholds,
+        grid_points=3,
+        **extra,
+    )
+
+
+def test_paper_numbers_cover_both_tables() -> None:
+    paper = json.loads((RECIPES / "dim_mnist.paper.json").read_text())
+    recipe = _recipe("dim_mnist")
+    for table in ("table1", "table2"):
+        rows = paper[table]["rows"]
+        assert {"l2-carlini-wagner", "linf-pgd", "l0-pointwise-x10", "all-l2"} <= set(rows)
+        assert set(recipe.TABLE_COLUMNS[table]) <= set(paper[table]["columns"])
+    assert paper["table1"]["rows"]["all-l2"]["dim"] == {"median": 1.9, "accuracy": 66}
+    assert paper["table2"]["rows"]["linf-brendel-bethge"]["bidim"] == {"accuracy": 88}
+
+
+def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
+    recipe = _recipe("dim_mnist")
+    images, labels = _data()
+    setting = recipe.Setting(
+        "toy", tmp_path, images, labels, {"l0": 12.0, "l1": 8.0, "l2": 1.5, "linf": 0.3}, 0, False
+    )
+    models = {"cnn": MeanPixel(20.0), "dim": MeanPixel(5.0)}
+    # stand-in for dim42: the quick suite's attacks fill their rows, the rest stay pending
+    for run, suite in (("dim42", "quick"), ("quick", "quick")):
+        config = _run(tmp_path, suite, "minimal", 12)
+        directory = setting.run_dir(run)
+        evaluate_models(models, images, labels, get_suite(suite), config, directory, progress=False)
+    fixed = _run(tmp_path, "quick-adaptive", "fixed", 12, norm="linf", epsilon=0.3)
+    evaluate_models(
+        models,
+        images,
+        labels,
+        get_suite("quick-adaptive"),
+        fixed,
+        setting.run_dir("quick-adaptive-linf"),
+        progress=False,
+    )
+    recipe.write_tables(setting)
+    table1 = (tmp_path / "table1.md").read_text()
+    pgd_row = next(line for line in table1.splitlines() if line.startswith("| linf-pgd |"))
+    cells = [cell.strip() for cell in pgd_row.strip("|").split("|")]
+    # cnn: ours, paper (0), difference; 4 of the 12 levels lie more than 0.3 from 0.5
+    assert cells[1:4] == ["33.3", "0", "+33.3"]
+    assert "not run" in pgd_row  # bicnn and madry did not run
+    cw_row = next(line for line in table1.splitlines() if line.startswith("| l2-carlini-wagner"))
+    assert "pending" in cw_row
+    truth = (tmp_path / "true_robustness.md").read_text()
+    dim_linf = next(line for line in truth.splitlines() if line.startswith("| dim | linf |"))
+    assert dim_linf.count("not run") == 0
+    dim_l2 = next(line for line in truth.splitlines() if line.startswith("| dim | l2 |"))
+    assert "not run" in dim_l2  # no quick-adaptive run in L2
+    assert (tmp_path / "table2.md").is_file()
+
+
+@pytest.mark.parametrize("name", ["dim_mnist", "cnn_mnist_sample"])
+def test_recipes_define_reproduce(name: str) -> None:
+    assert callable(_recipe(name).reproduce)
