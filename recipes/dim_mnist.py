@@ -37,6 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,7 +52,7 @@ from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, RunResult, evaluate_models, load_run
-from advdefense.evaluation.summary import FixedSummary, ModelSummary
+from advdefense.evaluation.summary import FixedSummary, ModelSummary, broken_at
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.training.architectures import TrainOptions, train_architecture
 
@@ -311,7 +312,7 @@ def render_paper_table(table: str, summaries: dict[str, ModelSummary], n: int) -
 
 
 def _broken_within(distances: Any, threshold: float) -> list[bool]:
-    return [float(d) <= threshold for d in distances]
+    return [bool(b) for b in broken_at(np.asarray(distances, dtype=np.float64), threshold)]
 
 
 def render_true_robustness(setting: Setting) -> str:

@@ -103,6 +103,9 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
     cw_row = next(line for line in table1.splitlines() if line.startswith("| l2-carlini-wagner"))
     assert "pending" in cw_row
     truth = (tmp_path / "true_robustness.md").read_text()
+    cnn_linf = next(line for line in truth.splitlines() if line.startswith("| cnn | linf |"))
+    # the per-norm worst case agrees with the per-attack rows (same float tolerance)
+    assert [cell.strip() for cell in cnn_linf.strip("|").split("|")][4] == "33.3 [14, 61]"
     dim_linf = next(line for line in truth.splitlines() if line.startswith("| dim | linf |"))
     assert dim_linf.count("not run") == 0
     dim_l2 = next(line for line in truth.splitlines() if line.startswith("| dim | l2 |"))

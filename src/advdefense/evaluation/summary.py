@@ -26,6 +26,7 @@ __all__ = [
     "ModelSummary",
     "NormResult",
     "accuracy_at",
+    "broken_at",
     "summarize_fixed",
     "summarize_minimal",
 ]
@@ -34,12 +35,17 @@ NORM_TOLERANCE = 1e-5
 FloatArray = npt.NDArray[np.float64]
 
 
+def broken_at(distances: FloatArray, epsilon: float) -> npt.NDArray[np.bool_]:
+    """Per sample: broken within ``epsilon`` (the norm check's float tolerance included)."""
+    budget = epsilon * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
+    return np.asarray(distances) <= budget
+
+
 def accuracy_at(distances: FloatArray, epsilon: float) -> float:
     """Fraction of samples whose minimal adversarial distance exceeds ``epsilon``."""
     if distances.size == 0:
         return math.nan
-    budget = epsilon * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
-    return float(np.mean(distances > budget))
+    return float(np.mean(~broken_at(distances, epsilon)))
 
 
 def _median(distances: FloatArray) -> float:
