@@ -2,7 +2,8 @@
 
 Run with ``advdefense reproduce dim_mnist [--n 1000] [--out results]``. For each dataset (full
 MNIST when its files are present, else the embedded ``mnist-sample``; then Fashion-MNIST when
-installed) it trains or loads the models of Tables 1 and 2, then runs, resumably:
+installed) it trains or loads the models of Tables 1 and 2 one by one, taking each through
+stages 1 and 2 as soon as it exists, then runs stage 3 for every model (all resumable):
 
 1. ``quick`` (minimal mode) on the first ``n`` test samples;
 2. ``quick-adaptive`` in fixed mode at the L-inf and L2 thresholds on the same samples: the
@@ -17,7 +18,8 @@ the harness attacks those and refines every adversarial with the binarization pr
 (Appendix A.2). After every stage the tables are rewritten, so a partial run still reports:
 ``<out>/dim/<dataset>/table1.md`` and ``table2.md`` (ours next to the paper's Tables 1 and 2,
 difference column), ``true_robustness.md`` (paper protocol vs. worst case with the adaptive
-attacks), the harness's own reports and plots in ``runs/``, and the models in ``models/``.
+attacks), ``fig3_latent_tsne.png`` (Fig. 3), the harness's own reports and plots in ``runs/``,
+and the models in ``models/``.
 
 Choices, stated in ``results/dim/README.md``: DIM training follows
 :class:`advdefense.training.dim.DIMTrainingConfig` (denoiser 10 epochs, internal models 20,
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -46,13 +49,15 @@ from advdefense.attacks.norms import Norm
 from advdefense.attacks.suites import get_suite
 from advdefense.data import LabeledImages, load_dataset
 from advdefense.defenses.abs_baselines import load_abs_baseline
-from advdefense.defenses.dim import BiDIM
-from advdefense.errors import DatasetNotFoundError
+from advdefense.defenses.dim import BiDIM, InternalModelClassifier
+from advdefense.errors import DatasetNotFoundError, UserError
+from advdefense.evaluation.latent import plot_latent_tsne
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, RunResult, evaluate_models, load_run
 from advdefense.evaluation.summary import FixedSummary, ModelSummary, broken_at
+from advdefense.modes import device_of
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.training.architectures import TrainOptions, train_architecture
 
@@ -100,9 +105,29 @@ class Setting:
         return self.directory / "runs" / name
 
 
-def reproduce(out: Path, device: torch.device, seed: int, progress: bool, n: int | None) -> None:
-    """Train or load every model, evaluate in three resumable stages, write the tables."""
-    for dataset in _datasets():
+def reproduce(
+    out: Path,
+    device: torch.device,
+    seed: int,
+    progress: bool,
+    n: int | None,
+    models: Sequence[str] = MODELS,
+    datasets: Sequence[str] | None = None,
+) -> None:
+    """Train or load the models, evaluate in three resumable stages, write the tables.
+
+    ``models`` and ``datasets`` (``--models``, ``--datasets``) restrict the work, e.g. to leave
+    Madry's adversarial training for a machine with a GPU; tables show what has run.
+    """
+    unknown = sorted(set(models) - set(MODELS))
+    if unknown:
+        raise UserError(
+            f"unknown model(s) {', '.join(unknown)}; the recipe has {', '.join(MODELS)}"
+        )
+    chosen = [name for name in MODELS if name in models]
+    for dataset in datasets or _datasets():
+        if dataset not in THRESHOLDS:
+            raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(THRESHOLDS)}")
         directory = Path(out) / "dim" / dataset
         print(f"== {dataset} -> {directory}")
         train, test = load_dataset(dataset, "train"), load_dataset(dataset, "test")
@@ -116,16 +141,34 @@ def reproduce(out: Path, device: torch.device, seed: int, progress: bool, n: int
             seed,
             progress,
         )
-        models = {
-            name: _model(name, dataset, directory / "models", train, test, device, seed)
-            for name in MODELS
-        }
-        for stage in ("quick", "adaptive", "dim42"):
-            for name, model in models.items():
-                started = time.perf_counter()
-                _run_stage(stage, setting, name, model)
-                print(f"{stage} {name}: {time.perf_counter() - started:.0f} s")
-                write_tables(setting)
+        loaded: dict[str, nn.Module] = {}
+        for name in chosen:  # each model through the cheap stages as soon as it exists
+            loaded[name] = _model(name, dataset, directory / "models", train, test, device, seed)
+            if name == "dim":
+                _latent_figure(setting, loaded[name], test)
+            for stage in ("quick", "adaptive"):
+                _timed(stage, setting, name, loaded[name].to(device))
+        for name, model in loaded.items():
+            _timed("dim42", setting, name, model.to(device))
+
+
+def _timed(stage: str, setting: Setting, name: str, model: nn.Module) -> None:
+    started = time.perf_counter()
+    _run_stage(stage, setting, name, model)
+    print(f"{stage} {name}: {time.perf_counter() - started:.0f} s", flush=True)
+    write_tables(setting)
+
+
+def _latent_figure(setting: Setting, dim: nn.Module, test: LabeledImages) -> None:
+    """Fig. 3: t-SNE of each internal model's codes of the first 1,000 test images."""
+    path = setting.directory / "fig3_latent_tsne.png"
+    if path.is_file() or not isinstance(dim, InternalModelClassifier):
+        return
+    images, labels = test.images[:1000], test.labels[:1000]
+    with torch.no_grad():
+        codes = dim.latent_codes(images.to(device_of(dim))).cpu()
+    plot_latent_tsne(codes, labels, path, seed=setting.seed)
+    print(f"wrote {path}")
 
 
 def _datasets() -> list[str]:

@@ -280,6 +280,28 @@ def test_reproduce_lists_and_runs_a_recipe(
     )
     assert code == 0, err
     assert (tmp_path / "o" / "done.txt").read_text() == "cpu 4 False 12"
+    code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--models", "a")
+    assert code == 2 and "takes no --models" in err
+
+
+def test_reproduce_passes_models_and_datasets(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    recipes = tmp_path / "recipes"
+    recipes.mkdir()
+    (recipes / "picky.py").write_text(
+        "from pathlib import Path\n"
+        "def reproduce(out, device, seed, progress, n, models=('x',), datasets=None):\n"
+        "    Path(out).mkdir(parents=True, exist_ok=True)\n"
+        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets}')\n"
+    )
+    arguments = ("reproduce", "picky", "--recipes", str(recipes), "--out", str(tmp_path / "o"))
+    code, _, err = _run(capsys, *arguments, "--models", "dim, bidim", "--datasets", "mnist")
+    assert code == 0, err
+    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',)"
+    with pytest.raises(SystemExit) as exit_info:
+        main([*arguments, "--models", ","])
+    assert exit_info.value.code == 2 and "comma-separated" in capsys.readouterr().err
 
 
 def test_cuda_without_gpu_is_a_user_error(

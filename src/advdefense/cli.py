@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -242,6 +243,16 @@ def _build_parser() -> argparse.ArgumentParser:
     reproduce.add_argument("recipe", metavar="RECIPE", nargs="?", help="recipe name or .py path")
     reproduce.add_argument("--recipes", type=Path, help="directory holding recipe files")
     reproduce.add_argument("--n", type=int, help="number of test samples (recipe default)")
+    reproduce.add_argument(
+        "--models",
+        type=_comma_list,
+        help="only these of the recipe's models, comma-separated (recipes that take `models`)",
+    )
+    reproduce.add_argument(
+        "--datasets",
+        type=_comma_list,
+        help="only these of the recipe's datasets, comma-separated (recipes that take `datasets`)",
+    )
     _common(reproduce, out_default="results")
     reproduce.set_defaults(handler=_reproduce)
 
@@ -450,13 +461,30 @@ def _reproduce(args: argparse.Namespace) -> None:
     run: Callable[..., None] | None = getattr(module, "reproduce", None)
     if run is None:
         raise UserError(f"recipe {path} defines no reproduce(...) function")
+    options = {
+        name: value
+        for name, value in (("models", args.models), ("datasets", args.datasets))
+        if value is not None
+    }
+    accepted = inspect.signature(run).parameters
+    for name in options:
+        if name not in accepted:
+            raise UserError(f"recipe {path.stem} takes no --{name}")
     run(
         out=args.out,
         device=resolve_device(args.device),
         seed=args.seed,
         progress=not args.quiet,
         n=args.n,
+        **options,
     )
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    items = tuple(item.strip() for item in text.split(",") if item.strip())
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}")
+    return items
 
 
 def _demo(args: argparse.Namespace) -> None:
