@@ -1,0 +1,583 @@
+"""Detector-aware (white-box) attacks on a classifier guarded by a :class:`Detector`.
+
+Both attacks succeed on a sample only when the adversarial is misclassified (reaches the
+target, when one is given) AND not rejected: its detector score is at most the threshold
+(the detector's calibrated one unless another is passed). The detector's ``score`` must be
+differentiable in the input (KDE is, through the embedding).
+
+:class:`CarliniWagnerDetectorAttack` -- Carlini & Wagner 2017, "Adversarial examples are not
+easily detected" (their attack on kernel density estimation), and the C&W-wb attack of Pang
+et al. 2018 and PDM (Sec. 4.3, Appendix C). The L2 attack of Carlini & Wagner (S&P 2017):
+variable ``w`` with ``x' = lower + (upper - lower) (tanh(w) + 1) / 2``, Adam, and per sample a
+binary search over ``c`` (x10 until a success, then bisection), minimizing
+
+    ||x' - x||_2^2 + c * (f(x') + relu(score(x') - threshold)),
+
+``f`` the margin loss ``max(Z_y - max_{j != y} Z_j + kappa, 0)`` (untargeted; targeted:
+``max(max_{j != t} Z_j - Z_t + kappa, 0)``) and ``score = -log KDE`` of the predicted class for
+the KDE detector. In two phases, as in Carlini & Wagner's code for the KDE attack and Pang et
+al.'s C&W-wb: phase 1 is the plain C&W L2 attack (no detector term), phase 2 starts Adam from
+the phase-1 adversarial (the original image where phase 1 failed) with the detector term. The
+distance is always to the original image (Pang et al.'s phase 2 measures it to the phase-1
+adversarial instead). Per sample the smallest successful adversarial of either phase is
+kept; where none succeeds, the phase-2 iterate that fools the classifier with the lowest
+detector score is returned (Pang et al.'s fallback), else the phase-1 result, and ``success``
+says which samples succeeded. Defaults: PDM Appendix C ("C&W-wb": 5000 / 10000 iterations and
+3 / 3 binary search steps for phase 1 / phase 2, confidence 0) and Pang et al.'s code
+(initial constant 1.0, Adam learning rate 0.01, abort early). Pang et al. attack a random
+target class (:func:`advdefense.attacks.jsma.random_targets`) and, in their code, the median
+KDE density of the target class as the threshold; pass ``targets`` and ``threshold`` to do so.
+
+:class:`OrthogonalPGD` -- Bryniarski et al. 2022, "Evading adversarial example detectors"
+(ICLR 2022), and their released code: fixed-epsilon PGD (L-inf or L2) that, per sample
+and step, follows the gradient of the classification objective while the sample is not yet
+misclassified, and the gradient of the detector objective (``-score``) once it is, each
+projected orthogonally to the other gradient (``g - (g . h / ||h||^2) h``; the flags
+``project_classifier`` / ``project_detector`` of their code), so that to first order the step
+does not undo the other constraint. "Misclassified" for this switch includes a margin of
+``switch_margin`` in score units (0.05 in their code). Steps are ``sign(g)`` (L-inf) or
+``g / ||g||_2`` (L2) times ``rel_stepsize * epsilon``, then projection onto the epsilon ball
+and the bounds; no random start. Per sample the misclassified iterate with the lowest detector
+score is kept (their code), so the sample succeeds iff that score is at most the threshold.
+With both projections off it is their Selective PGD. Known limit: when the two
+gradients are nearly parallel -- e.g. a class-conditional detector (KDE) whose score of the
+current class grows exactly as the classifier margin shrinks, or an undetected region that
+lies deeper inside the target class than ``switch_margin`` -- the projections remove the only
+useful direction and the attack stalls; run Selective PGD and the C&W attack beside it and
+keep the per-sample worst case.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, NamedTuple
+
+import torch
+from torch import nn
+
+from advdefense.defenses.detector import Detector
+from advdefense.errors import InputError
+from advdefense.modes import evaluation_mode
+from advdefense.validation import check_images, check_labels, check_positive_int
+
+__all__ = [
+    "CarliniWagnerDetectorAttack",
+    "DetectorAttackResult",
+    "OrthogonalPGD",
+    "misclassified_and_not_rejected",
+]
+
+ClassificationLoss = Literal["margin", "cross-entropy"]
+
+_TINY = 1e-20
+_TANH_SHRINK = 0.999999  # keeps arctanh finite at the bounds, as in Carlini & Wagner's code
+_NO_UPPER_BOUND = 1e10
+
+
+class DetectorAttackResult(NamedTuple):
+    """``adversarials`` (like the images) and ``success`` (bool, N): misclassified (target
+    reached, when targeted) and not rejected, from a fresh forward pass."""
+
+    adversarials: torch.Tensor
+    success: torch.Tensor
+
+
+def _resolve_thresholds(
+    detector: Detector, threshold: float | torch.Tensor | None, count: int, device: torch.device
+) -> torch.Tensor:
+    """Per-sample thresholds (float64, N): ``threshold`` or the detector's calibrated one."""
+    if threshold is None:
+        value: float | torch.Tensor = detector.require_threshold()
+    else:
+        value = threshold
+    thresholds = torch.as_tensor(value, dtype=torch.float64, device=device)
+    if thresholds.dim() == 0:
+        thresholds = thresholds.expand(count)
+    if thresholds.shape != (count,) or not bool(torch.isfinite(thresholds).all()):
+        raise InputError(
+            f"threshold must be a finite number or a vector of {count} finite numbers, got "
+            f"shape {tuple(thresholds.shape)}"
+        )
+    return thresholds
+
+
+def _check_inputs(
+    classifier: nn.Module,
+    detector: Detector,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor | None,
+    bounds: tuple[float, float],
+) -> None:
+    if not isinstance(classifier, nn.Module):
+        raise InputError(f"classifier must be a torch.nn.Module, got {type(classifier).__name__}")
+    if not isinstance(detector, Detector):
+        raise InputError(f"detector must be a Detector, got {type(detector).__name__}")
+    check_images(images, "images", bounds=bounds)
+    check_labels(labels, "labels", batch_size=images.shape[0])
+    if targets is not None:
+        check_labels(targets, "targets", batch_size=images.shape[0])
+        if bool((targets.cpu() == labels.cpu()).any()):
+            raise InputError("targets must differ from labels for every sample")
+
+
+def _check_bounds(bounds: tuple[float, float]) -> None:
+    if len(bounds) != 2 or not (
+        math.isfinite(bounds[0]) and math.isfinite(bounds[1]) and bounds[0] < bounds[1]
+    ):
+        raise InputError(f"bounds must be (lower, upper) with lower < upper, got {bounds}")
+
+
+def _check_positive(value: float, name: str) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise InputError(f"{name} must be a positive number, got {value}")
+
+
+def _check_differentiable(detector: Detector, images: torch.Tensor) -> None:
+    """Raise unless ``detector.score`` has a gradient path from the input."""
+    probe = images[:1].detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        score = detector.score(probe)
+    if not score.requires_grad:
+        raise InputError(
+            f"{type(detector).__name__}.score is not differentiable in its input; a "
+            "detector-aware gradient attack needs a differentiable score (or a surrogate)"
+        )
+
+
+def _class_scores(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    scores: torch.Tensor = classifier(images)
+    return scores
+
+
+def _other_best(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    """``max_{j != c} z_j`` per row."""
+    return scores.scatter(1, classes[:, None], -math.inf).max(1).values
+
+
+def _own(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    return scores.gather(1, classes[:, None])[:, 0]
+
+
+def _reaches(
+    scores: torch.Tensor, classes: torch.Tensor, *, targeted: bool, margin: float
+) -> torch.Tensor:
+    """C&W's success test with confidence ``margin``: argmax of the scores with ``margin``
+    taken from the target (targeted) or given to the label (untargeted)."""
+    shift = torch.zeros_like(scores).scatter(1, classes[:, None], margin)
+    if targeted:
+        return (scores - shift).argmax(1) == classes
+    return (scores + shift).argmax(1) != classes
+
+
+@torch.no_grad()
+def misclassified_and_not_rejected(
+    classifier: nn.Module,
+    detector: Detector,
+    adversarials: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    targets: torch.Tensor | None = None,
+    threshold: float | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Bool (N): predicted class != label (== target when given) and score <= threshold."""
+    thresholds = _resolve_thresholds(
+        detector, threshold, adversarials.shape[0], adversarials.device
+    )
+    with evaluation_mode(classifier), evaluation_mode(detector):
+        predictions = _class_scores(classifier, adversarials).argmax(1)
+        suspicion = detector.score(adversarials).to(torch.float64)
+    if targets is None:
+        fooled = predictions != labels.to(predictions.device)
+    else:
+        fooled = predictions == targets.to(predictions.device)
+    not_rejected: torch.Tensor = suspicion <= thresholds
+    return fooled & not_rejected
+
+
+def _to_attack_space(images: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    lower, upper = bounds
+    centered = (images - lower) / (upper - lower) * 2.0 - 1.0
+    return torch.atanh(centered.clamp(-1.0, 1.0) * _TANH_SHRINK)
+
+
+def _to_model_space(variable: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    lower, upper = bounds
+    return (torch.tanh(variable) + 1.0) / 2.0 * (upper - lower) + lower
+
+
+def _rows(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+@dataclass
+class _Search:
+    """Per-sample state carried across C&W phases: the best success and the fallback."""
+
+    best: torch.Tensor
+    best_distance: torch.Tensor
+    fallback: torch.Tensor
+    fallback_excess: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Phase:
+    steps: int
+    binary_search_steps: int
+    learning_rate: float
+    initial_const: float
+
+
+def _carlini_wagner_phase(
+    classifier: nn.Module,
+    images: torch.Tensor,
+    start: torch.Tensor,
+    classes: torch.Tensor,
+    phase: _Phase,
+    search: _Search,
+    *,
+    targeted: bool,
+    confidence: float,
+    abort_early: bool,
+    bounds: tuple[float, float],
+    detector_excess: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> None:
+    """One C&W L2 binary search from ``start``, updating ``search`` in place.
+
+    ``detector_excess(x)`` is ``relu(score(x) - threshold)`` (float64, N), or None for the
+    plain attack; a success needs the C&W class condition and a zero excess.
+    """
+    count = images.shape[0]
+    device = images.device
+    origin = _to_attack_space(start, bounds)
+    const = torch.full((count,), phase.initial_const, dtype=torch.float64, device=device)
+    lower_const = torch.zeros_like(const)
+    upper_const = torch.full_like(const, _NO_UPPER_BOUND)
+    check_every = max(1, phase.steps // 10)
+    for outer in range(phase.binary_search_steps):
+        if phase.binary_search_steps >= 10 and outer == phase.binary_search_steps - 1:
+            const = upper_const.clone()  # C&W: the last of many searches retries the bound
+        modifier = torch.zeros_like(origin, requires_grad=True)
+        optimizer = torch.optim.Adam([modifier], lr=phase.learning_rate)
+        found = torch.zeros(count, dtype=torch.bool, device=device)
+        previous = torch.full_like(const, math.inf)
+        for step in range(phase.steps):
+            with torch.enable_grad():
+                candidates = _to_model_space(origin + modifier, bounds)
+                scores = _class_scores(classifier, candidates)
+                distance = (candidates - images).flatten(1).pow(2).sum(1)
+                own, other = _own(scores, classes), _other_best(scores, classes)
+                margin = other - own if targeted else own - other
+                class_loss = (margin + confidence).clamp_min(0.0).to(torch.float64)
+                if detector_excess is None:
+                    excess = torch.zeros_like(const)
+                else:
+                    excess = detector_excess(candidates)
+                losses = distance.to(torch.float64) + const * (class_loss + excess)
+                (gradient,) = torch.autograd.grad(losses.sum(), modifier)
+            with torch.no_grad():
+                reached = _reaches(scores.detach(), classes, targeted=targeted, margin=confidence)
+                excess = excess.detach()
+                success = reached & (excess <= 0.0)
+                found |= success
+                size = distance.detach().to(torch.float64)
+                improved = success & (size < search.best_distance)
+                search.best[improved] = candidates.detach()[improved]
+                search.best_distance[improved] = size[improved]
+                if detector_excess is not None:
+                    closer = reached & (excess < search.fallback_excess)
+                    search.fallback[closer] = candidates.detach()[closer]
+                    search.fallback_excess[closer] = excess[closer]
+                if abort_early and step % check_every == 0:
+                    current = losses.detach()
+                    if bool((current > previous * 0.9999).all()):
+                        break
+                    previous = current
+            modifier.grad = gradient
+            optimizer.step()
+        upper_const = torch.where(found, torch.minimum(upper_const, const), upper_const)
+        lower_const = torch.where(found, lower_const, torch.maximum(lower_const, const))
+        bisect = upper_const < _NO_UPPER_BOUND / 10
+        const = torch.where(bisect, (lower_const + upper_const) / 2.0, const * 10.0)
+
+
+@dataclass(frozen=True)
+class CarliniWagnerDetectorAttack:
+    """C&W L2 attack on a classifier plus detector, in two phases (module docstring).
+
+    ``steps`` / ``binary_search_steps`` / ``learning_rate`` / ``initial_const`` are phase 2's
+    (with the detector term), the ``classifier_*`` ones phase 1's (plain C&W L2); set
+    ``classifier_steps=0`` to skip phase 1. ``confidence`` is kappa, for both phases.
+    """
+
+    steps: int = 10_000
+    binary_search_steps: int = 3
+    learning_rate: float = 1e-2
+    initial_const: float = 1.0
+    classifier_steps: int = 5_000
+    classifier_binary_search_steps: int = 3
+    classifier_learning_rate: float = 1e-2
+    classifier_initial_const: float = 1.0
+    confidence: float = 0.0
+    abort_early: bool = True
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.steps, "steps")
+        check_positive_int(self.binary_search_steps, "binary_search_steps")
+        check_positive_int(self.classifier_binary_search_steps, "classifier_binary_search_steps")
+        if isinstance(self.classifier_steps, bool) or not (
+            isinstance(self.classifier_steps, int) and self.classifier_steps >= 0
+        ):
+            raise InputError(
+                f"classifier_steps must be a non-negative integer, got {self.classifier_steps!r}"
+            )
+        for name in (
+            "learning_rate",
+            "initial_const",
+            "classifier_learning_rate",
+            "classifier_initial_const",
+        ):
+            _check_positive(getattr(self, name), name)
+        if not (math.isfinite(self.confidence) and self.confidence >= 0):
+            raise InputError(f"confidence must be a non-negative number, got {self.confidence}")
+        _check_bounds(self.bounds)
+
+    def __call__(
+        self,
+        classifier: nn.Module,
+        detector: Detector,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        targets: torch.Tensor | None = None,
+        threshold: float | torch.Tensor | None = None,
+    ) -> DetectorAttackResult:
+        """Attack ``images`` (true ``labels``); untargeted unless ``targets`` are given.
+
+        ``threshold`` (a number or one per sample) replaces the detector's calibrated one in
+        both the objective and the success test.
+        """
+        _check_inputs(classifier, detector, images, labels, targets, self.bounds)
+        thresholds = _resolve_thresholds(detector, threshold, images.shape[0], images.device)
+        targeted = targets is not None
+        classes = (targets if targets is not None else labels).to(images.device)
+        images = images.detach()
+        with evaluation_mode(classifier), evaluation_mode(detector):
+            _check_differentiable(detector, images)
+            search = self._run(classifier, detector, images, classes, thresholds, targeted)
+        succeeded = _rows(torch.isfinite(search.best_distance), images)
+        adversarials = torch.where(succeeded, search.best, search.fallback)
+        success = misclassified_and_not_rejected(
+            classifier, detector, adversarials, labels, targets=targets, threshold=thresholds
+        )
+        return DetectorAttackResult(adversarials, success)
+
+    def _run(
+        self,
+        classifier: nn.Module,
+        detector: Detector,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        thresholds: torch.Tensor,
+        targeted: bool,
+    ) -> _Search:
+        count = images.shape[0]
+        infinite = torch.full((count,), math.inf, dtype=torch.float64, device=images.device)
+        plain = _Search(images.clone(), infinite.clone(), images.clone(), infinite.clone())
+        if self.classifier_steps > 0:
+            first = _Phase(
+                self.classifier_steps,
+                self.classifier_binary_search_steps,
+                self.classifier_learning_rate,
+                self.classifier_initial_const,
+            )
+            self._phase(classifier, images, images, classes, first, plain, targeted, None)
+        start = plain.best
+        with torch.no_grad():
+            evades = torch.isfinite(plain.best_distance) & (
+                detector.score(start).to(torch.float64) <= thresholds
+            )
+        search = _Search(
+            start.clone(),
+            torch.where(evades, plain.best_distance, infinite),
+            start.clone(),
+            infinite.clone(),
+        )
+
+        def excess(candidates: torch.Tensor) -> torch.Tensor:
+            return (detector.score(candidates).to(torch.float64) - thresholds).clamp_min(0.0)
+
+        second = _Phase(
+            self.steps, self.binary_search_steps, self.learning_rate, self.initial_const
+        )
+        self._phase(classifier, images, start, classes, second, search, targeted, excess)
+        return search
+
+    def _phase(
+        self,
+        classifier: nn.Module,
+        images: torch.Tensor,
+        start: torch.Tensor,
+        classes: torch.Tensor,
+        phase: _Phase,
+        search: _Search,
+        targeted: bool,
+        detector_excess: Callable[[torch.Tensor], torch.Tensor] | None,
+    ) -> None:
+        _carlini_wagner_phase(
+            classifier,
+            images,
+            start,
+            classes,
+            phase,
+            search,
+            targeted=targeted,
+            confidence=self.confidence,
+            abort_early=self.abort_early,
+            bounds=self.bounds,
+            detector_excess=detector_excess,
+        )
+
+
+def _classification_objective(
+    scores: torch.Tensor, classes: torch.Tensor, *, targeted: bool, loss: ClassificationLoss
+) -> torch.Tensor:
+    """Per sample, to be ascended: margin towards misclassification (or the target), or the
+    cross-entropy of the label (minus that of the target)."""
+    if loss == "margin":
+        own, other = _own(scores, classes), _other_best(scores, classes)
+        return own - other if targeted else other - own
+    cross_entropy = torch.nn.functional.cross_entropy(scores, classes, reduction="none")
+    return -cross_entropy if targeted else cross_entropy
+
+
+def _without_component(vectors: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """``v - (v . d / ||d||^2) d`` per row (N x F)."""
+    dots = (vectors * directions).sum(1, keepdim=True)
+    squared = directions.pow(2).sum(1, keepdim=True)
+    return vectors - dots / (squared + _TINY) * directions
+
+
+@dataclass(frozen=True)
+class OrthogonalPGD:
+    """Orthogonal PGD (Bryniarski et al. 2022) in ``norm`` at a fixed epsilon (module doc).
+
+    Step size ``rel_stepsize * epsilon`` (their default 1/255 at epsilon 8/255 is 0.125);
+    ``loss`` is the classification objective ("margin": C&W's margin, fine for scores that
+    are not logits; "cross-entropy": their examples'). ``project_classifier=False,
+    project_detector=False`` is Selective PGD.
+    """
+
+    norm: Literal["linf", "l2"] = "linf"
+    steps: int = 100
+    rel_stepsize: float = 0.125
+    loss: ClassificationLoss = "margin"
+    project_classifier: bool = True
+    project_detector: bool = True
+    switch_margin: float = 0.05
+    bounds: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        if self.norm not in ("linf", "l2"):
+            raise InputError(f"norm must be 'linf' or 'l2', got {self.norm!r}")
+        if self.loss not in ("margin", "cross-entropy"):
+            raise InputError(f"loss must be 'margin' or 'cross-entropy', got {self.loss!r}")
+        check_positive_int(self.steps, "steps")
+        _check_positive(self.rel_stepsize, "rel_stepsize")
+        if not (math.isfinite(self.switch_margin) and self.switch_margin >= 0):
+            raise InputError(
+                f"switch_margin must be a non-negative number, got {self.switch_margin}"
+            )
+        _check_bounds(self.bounds)
+
+    def __call__(
+        self,
+        classifier: nn.Module,
+        detector: Detector,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        epsilon: float,
+        *,
+        targets: torch.Tensor | None = None,
+        threshold: float | torch.Tensor | None = None,
+    ) -> DetectorAttackResult:
+        """Attack ``images`` (true ``labels``) within ``epsilon``; untargeted unless
+        ``targets`` are given; ``threshold`` as in :class:`CarliniWagnerDetectorAttack`."""
+        _check_inputs(classifier, detector, images, labels, targets, self.bounds)
+        _check_positive(epsilon, "epsilon")
+        thresholds = _resolve_thresholds(detector, threshold, images.shape[0], images.device)
+        targeted = targets is not None
+        classes = (targets if targets is not None else labels).to(images.device)
+        images = images.detach()
+        with evaluation_mode(classifier), evaluation_mode(detector):
+            _check_differentiable(detector, images)
+            best = self._run(classifier, detector, images, classes, float(epsilon), targeted)
+        success = misclassified_and_not_rejected(
+            classifier, detector, best, labels, targets=targets, threshold=thresholds
+        )
+        return DetectorAttackResult(best, success)
+
+    def _run(
+        self,
+        classifier: nn.Module,
+        detector: Detector,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        epsilon: float,
+        targeted: bool,
+    ) -> torch.Tensor:
+        lower, upper = self.bounds
+        step_size = self.rel_stepsize * epsilon
+        current = images.clone()
+        best = images.clone()
+        best_score = torch.full(
+            (images.shape[0],), math.inf, dtype=torch.float64, device=images.device
+        )
+        for step in range(self.steps + 1):
+            inputs = current.detach().requires_grad_(True)
+            with torch.enable_grad():
+                scores = _class_scores(classifier, inputs)
+                suspicion = detector.score(inputs).to(torch.float64)
+                objective = _classification_objective(
+                    scores, classes, targeted=targeted, loss=self.loss
+                )
+                (classifier_gradient,) = torch.autograd.grad(
+                    objective.sum(), inputs, retain_graph=True
+                )
+                (detector_gradient,) = torch.autograd.grad((-suspicion).sum(), inputs)
+            with torch.no_grad():
+                scores, suspicion = scores.detach(), suspicion.detach()
+                reached = _reaches(scores, classes, targeted=targeted, margin=0.0)
+                better = reached & (suspicion < best_score)
+                best[better] = current[better]
+                best_score[better] = suspicion[better]
+                if step == self.steps:
+                    break
+                fooled = _reaches(scores, classes, targeted=targeted, margin=self.switch_margin)
+                toward_class = classifier_gradient.flatten(1)
+                toward_evasion = detector_gradient.flatten(1).to(toward_class.dtype)
+                if self.project_classifier:
+                    toward_class = _without_component(toward_class, toward_evasion)
+                if self.project_detector:
+                    toward_evasion = _without_component(
+                        toward_evasion, classifier_gradient.flatten(1)
+                    )
+                direction = torch.where(fooled[:, None], toward_evasion, toward_class)
+                if self.norm == "linf":
+                    direction = direction.sign()
+                else:
+                    norms = direction.norm(dim=1, keepdim=True)
+                    direction = direction / (norms + _TINY)
+                moved = current + step_size * direction.view_as(current)
+                current = (images + self._project(moved - images, epsilon)).clamp(lower, upper)
+        return best
+
+    def _project(self, perturbation: torch.Tensor, epsilon: float) -> torch.Tensor:
+        if self.norm == "linf":
+            return perturbation.clamp(-epsilon, epsilon)
+        norms = perturbation.flatten(1).norm(dim=1)
+        factor = (epsilon / (norms + _TINY)).clamp(max=1.0)
+        return perturbation * _rows(factor, perturbation)
