@@ -122,15 +122,16 @@ def reproduce(
 ) -> None:
     """Train or load the models, evaluate in three resumable stages, write the tables.
 
-    ``models`` and ``datasets`` (``--models``, ``--datasets``) restrict the work, e.g. to leave
-    Madry's adversarial training for a machine with a GPU; tables show what has run.
+    ``models`` and ``datasets`` (``--models``, ``--datasets``) restrict the work and set its
+    order, e.g. DIM and biDIM first, and Madry's adversarial training left for a machine with a
+    GPU; the tables show what has run.
     """
     unknown = sorted(set(models) - set(MODELS))
     if unknown:
         raise UserError(
             f"unknown model(s) {', '.join(unknown)}; the recipe has {', '.join(MODELS)}"
         )
-    chosen = [name for name in MODELS if name in models]
+    chosen = list(dict.fromkeys(models))
     for dataset in datasets or _datasets():
         if dataset not in THRESHOLDS:
             raise UserError(f"unknown dataset {dataset!r}; choose from {', '.join(THRESHOLDS)}")
