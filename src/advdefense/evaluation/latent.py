@@ -51,4 +51,9 @@ def plot_latent_tsne(
         axis.set_yticks([])
     for space in range(spaces, rows * columns):
         axes[space // columns][space % columns].axis("off")
-    return save_figure(figure, path)
+    classes = sorted(set(labels.tolist()))
+    handles = [
+        axes[0][0].scatter([], [], c=f"C{label}", s=12, label=str(label)) for label in classes
+    ]
+    figure.legend(handles=handles, loc="lower center", ncol=len(classes), title="class", fontsize=8)
+    return save_figure(figure, path, bottom=0.14 / rows)
