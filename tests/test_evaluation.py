@@ -511,6 +511,20 @@ def test_models_accumulate_in_one_run(tmp_path: Path) -> None:
     assert [s.model for s in load_run(tmp_path).summaries] == ["first", "second"]
 
 
+def test_a_killed_model_does_not_block_the_next_one(tmp_path: Path) -> None:
+    images, labels = _data()
+    arguments = (images, labels, DETERMINISTIC, _config(), tmp_path)
+    evaluate_models({"killed": Brightness().eval()}, *arguments, progress=False)
+    run_file = tmp_path / "run.json"
+    document = json.loads(run_file.read_text())
+    document["models"]["killed"]["complete"] = False  # as if its process had been killed
+    run_file.write_text(json.dumps(document))
+    result = evaluate_models({"next": _Binarized().eval()}, *arguments, progress=False)
+    assert [s.model for s in result.summaries] == ["killed", "next"]
+    with pytest.raises(UserError, match="has not finished"):
+        load_run(tmp_path)
+
+
 @register_model("test-gray-detector")
 class GrayDetector(Detector):
     """Suspicious when the mean pixel is near 0.5, where Brightness's adversarials land."""

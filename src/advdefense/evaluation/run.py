@@ -113,7 +113,9 @@ def evaluate_models(
     run_dir = Path(directory)
     with ResultStore(run_dir) as store:
         _evaluate_into(store, models, images, labels, suite, config, detectors, progress=progress)
-    return load_run(run_dir)
+    # other models of the run may be unfinished (an earlier process was killed): report them
+    # as partial, flagged, rather than fail after this evaluation has finished
+    return load_run(run_dir, partial=True)
 
 
 def _evaluate_into(
