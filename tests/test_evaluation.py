@@ -523,6 +523,14 @@ def test_a_killed_model_does_not_block_the_next_one(tmp_path: Path) -> None:
     assert [s.model for s in result.summaries] == ["killed", "next"]
     with pytest.raises(UserError, match="has not finished"):
         load_run(tmp_path)
+    # a model killed before its first batch finished every attack is left out, with a warning
+    store_lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    killed_keys = set(document["models"]["killed"]["keys"])
+    kept = [line for line in store_lines if json.loads(line)["key"] not in killed_keys]
+    (tmp_path / "records.jsonl").write_text("".join(line + "\n" for line in kept))
+    with pytest.warns(UserWarning, match="killed left out"):
+        result = load_run(tmp_path, partial=True)
+    assert [s.model for s in result.summaries] == ["next"]
 
 
 @register_model("test-gray-detector")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -230,7 +231,8 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
     """Rebuild a run's summaries from ``run.json`` and its record store.
 
     ``partial=True`` reports a run still in progress (or interrupted): attacks whose records are
-    not all written yet are left out and named in each summary's ``pending`` list and flags.
+    not all written yet are left out and named in each summary's ``pending`` list and flags; an
+    unfinished model with samples no attack has reached yet is left out with a warning.
     """
     run_dir = Path(directory)
     run_file = run_dir / RUN_FILE
@@ -256,15 +258,23 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
                     f"the evaluation of {name} in {run_dir} has not finished; rerun its command "
                     "to resume, or pass --partial to report what is done"
                 )
-            summary = summarize_minimal(
-                store,
-                entry["keys"],
-                model=name,
-                indices=config.indices,
-                thresholds=thresholds,
-                planned=entry.get("attacks") or (),
-                allow_partial=partial,
-            )
+            try:
+                summary = summarize_minimal(
+                    store,
+                    entry["keys"],
+                    model=name,
+                    indices=config.indices,
+                    thresholds=thresholds,
+                    planned=entry.get("attacks") or (),
+                    allow_partial=partial,
+                )
+            except UserError as error:
+                if not incomplete:
+                    raise
+                warnings.warn(
+                    f"{name} left out of the partial report of {run_dir}: {error}", stacklevel=2
+                )
+                continue
             if entry.get("detection"):
                 summary.detection.extend(summarize_detection(entry["detection"]))
             summary.flags.extend([*entry["flags"], *result_flags(summary)])
