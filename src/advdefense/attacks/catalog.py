@@ -80,6 +80,7 @@ from advdefense.attacks.adaptive import (
     LinfDLRAllTargetsAttack,
     LinfMarginAllTargetsAttack,
 )
+from advdefense.attacks.jsma import SaliencyMapAttack
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError, UserError
 
@@ -95,6 +96,7 @@ _GRADIENT_BASED: tuple[type, ...] = (
     EADAttack,
     FMNAttackLp,
     L2CarliniWagnerAttack,
+    SaliencyMapAttack,
 )
 
 
@@ -611,7 +613,51 @@ _ADAPTIVE_ENTRIES: tuple[AttackEntry, ...] = (
         if loss == "margin"
     ),
 )
-_ALL_ENTRIES = (*_ENTRIES, *_ADAPTIVE_ENTRIES)
+# The gray-box attacks of the PDM paper (Sec. 4, Appendix C), which used Cleverhans v2.1: FGSM and
+# BIM are the catalogue's linf-fgsm and linf-basic-iterative (10 steps), run at fixed epsilons.
+# Parameters the paper does not state: the initial constant 0.01 is Cleverhans' default (Foolbox:
+# 0.001); the Adam step size stays Foolbox's 0.01 (Cleverhans: 0.005, the weaker of the two).
+_CLEVERHANS_INITIAL_CONST = 1e-2
+_PDM_ENTRIES: tuple[AttackEntry, ...] = (
+    _entry(
+        "l2-carlini-wagner-10x9",
+        "l2",
+        L2CarliniWagnerAttack,
+        "Carlini-Wagner L2 of the PDM paper (App. C, 'C&W'): 9 binary-search steps x 10 Adam "
+        "steps, confidence 0, initial constant 0.01 (Cleverhans default), step size 0.01",
+        parameters={
+            "steps": 10,
+            "binary_search_steps": 9,
+            "confidence": 0.0,
+            "initial_const": _CLEVERHANS_INITIAL_CONST,
+        },
+        cost=90,
+    ),
+    _entry(
+        "l0-jsma",
+        "l0",
+        SaliencyMapAttack,
+        "JSMA (Papernot 2016) of the PDM paper (App. C): at most 100 iterations of the pair "
+        "saliency map, theta 1, gamma 1 (Cleverhans defaults), a random target per sample",
+        parameters={"theta": 1.0, "gamma": 1.0, "max_iterations": 100},
+        cost=200,
+    ),
+    _entry(
+        "l2-carlini-wagner-hc-1000x9",
+        "l2",
+        L2CarliniWagnerAttack,
+        "High-confidence Carlini-Wagner L2 of the PDM paper (App. C, 'C&W-hc'): 9 binary-search "
+        "steps x 1,000 Adam steps, confidence 10, initial constant 0.01, step size 0.01",
+        parameters={
+            "steps": 1000,
+            "binary_search_steps": 9,
+            "confidence": 10.0,
+            "initial_const": _CLEVERHANS_INITIAL_CONST,
+        },
+        cost=9000,
+    ),
+)
+_ALL_ENTRIES = (*_ENTRIES, *_ADAPTIVE_ENTRIES, *_PDM_ENTRIES)
 
 ATTACKS: Mapping[str, AttackEntry] = MappingProxyType({entry.id: entry for entry in _ALL_ENTRIES})
 if len(ATTACKS) != len(_ALL_ENTRIES):  # pragma: no cover - guards edits of the table above

@@ -17,6 +17,13 @@
 ``quick-adaptive``
     ``quick`` then ``adaptive``, for fixed mode (AutoAttack's protocol: each attack only on the
     samples still robust), which makes the expensive all-targets attacks cheap.
+``pdm-graybox``
+    The gray-box attacks of the PDM paper (Sec. 4, Appendix C; Cleverhans v2.1 there): FGSM, BIM
+    (10 steps), C&W L2 (9 x 10 steps, confidence 0), JSMA (at most 100 iterations, theta 1,
+    gamma 1, random targets) and C&W-hc (9 x 1,000 steps, confidence 10). The paper runs FGSM
+    and BIM at the fixed epsilons 0.05 and 0.1 and the others unbounded: run the L-inf entries
+    in minimal mode with one grid point at each epsilon (``grid_points=1``), the others with a
+    threshold no adversarial can exceed.
 ``minimal``
     Strong minimal-norm attacks for median distances: FMN in L0/L1/L2/L-inf, DDN, and
     Brendel-Bethge in each norm started from a PGD adversarial (``start_from``). PGD is a
@@ -60,7 +67,7 @@ from advdefense.attacks.catalog import ATTACKS, AttackEntry
 from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError
 
-__all__ = ["DIM42_TABLE_ORDER", "SUITES", "AttackSuite", "get_suite"]
+__all__ = ["DIM42_TABLE_ORDER", "PDM_GRAYBOX_IDS", "SUITES", "AttackSuite", "get_suite"]
 
 
 @dataclass(frozen=True)
@@ -178,6 +185,13 @@ ADAPTIVE_IDS = (
     "l2-dlr-all-targets",
     "l2-internal-all-targets",
 )
+PDM_GRAYBOX_IDS = (
+    "linf-fgsm",
+    "linf-basic-iterative",
+    "l2-carlini-wagner-10x9",
+    "l0-jsma",
+    "l2-carlini-wagner-hc-1000x9",
+)
 
 _SUITES = (
     AttackSuite(
@@ -227,6 +241,13 @@ _SUITES = (
         (*_cheapest_first(QUICK_IDS), *_cheapest_first(ADAPTIVE_IDS)),
         "The quick suite, then the adaptive one: for fixed mode, where the cheap attacks break "
         "most samples and the adaptive ones attack only the survivors",
+    ),
+    AttackSuite(
+        "pdm-graybox",
+        "1",
+        _cheapest_first(PDM_GRAYBOX_IDS),
+        "The PDM paper's gray-box attacks (Appendix C): FGSM, BIM, C&W (9 x 10 steps), JSMA "
+        "(100 iterations) and C&W-hc (9 x 1,000 steps, confidence 10)",
     ),
 )
 

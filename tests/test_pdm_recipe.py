@@ -1,0 +1,315 @@
+"""The PDM reproduction recipe: every stage on tiny models and data, resuming, and its tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+
+from advdefense.attacks.catalog import AttackEntry, get_attack
+from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack
+from advdefense.attacks.suites import get_suite
+from advdefense.data import LabeledImages, load_dataset
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+DATASET = "mnist-sample"
+
+
+def _recipe() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("recipe_pdm", RECIPES / "pdm.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(text: str, start: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(start))
+    return [cell.strip() for cell in line.strip("|").split("|")]
+
+
+def test_paper_numbers_cover_the_four_tables() -> None:
+    recipe = _recipe()
+    paper = json.loads((RECIPES / "pdm.paper.json").read_text())
+    assert set(paper["table2"]["rows"]) == set(recipe.TABLE2_ROWS)
+    for dataset in ("mnist", "cifar10"):
+        assert set(paper["table1"]["accuracy"][dataset]) == set(recipe.MODELS)
+        for row in paper["table2"]["rows"].values():
+            assert set(row[dataset]) == set(recipe.WHITE_BOX_MODELS)
+        assert set(paper["table3"]["distortion"][dataset]) == set(recipe.WHITE_BOX_MODELS)
+        assert set(paper["table4"]["auc"][dataset]) == set(recipe.WHITE_BOX_MODELS)
+    assert paper["table1"]["accuracy"]["mnist"]["pdm"] == 99.52
+    assert paper["table2"]["rows"]["bim-0.1"]["mnist"] == {"ce": 0.945, "rce": 0.92, "pdm": 0.99}
+    assert paper["table3"]["distortion"]["cifar10"]["rce"] == 0.019
+    assert paper["table4"]["auc"]["mnist"]["pdm"] == 0.99
+    assert set(recipe.PAPER_DATASET.values()) == {"mnist", "cifar10"}
+
+
+def test_graybox_suite_has_the_papers_parameters() -> None:
+    suite = get_suite("pdm-graybox")
+    assert suite.ids() == (
+        "linf-fgsm",
+        "linf-basic-iterative",
+        "l2-carlini-wagner-10x9",
+        "l0-jsma",
+        "l2-carlini-wagner-hc-1000x9",
+    )
+    lean, strong = get_attack("l2-carlini-wagner-10x9"), get_attack("l2-carlini-wagner-hc-1000x9")
+    built = lean.build(), strong.build()
+    assert [(a.steps, a.binary_search_steps, a.confidence) for a in built] == [
+        (10, 9, 0.0),
+        (1000, 9, 10.0),
+    ]
+    assert built[0].initial_const == built[1].initial_const == 0.01
+    jsma = get_attack("l0-jsma")
+    assert jsma.minimization and jsma.uses_gradients
+    assert (jsma.build().max_iterations, jsma.build().gamma, jsma.build().theta) == (100, 1.0, 1.0)
+    assert get_attack("linf-basic-iterative").build().steps == 10
+
+
+def test_detector_attack_summary_by_hand() -> None:
+    recipe = _recipe()
+    first_round = {
+        "samples": [0, 1, 2],
+        "batches": {
+            "0": {
+                "indices": [0, 1],
+                "labels": [1, 2],
+                "success": [True, False],
+                "distances": [2.0, 9.0],
+                "predictions": [0, 2],
+                "clean_scores": [1.0, 2.0],
+                "adversarial_scores": [0.5, 3.0],
+            },
+            "2": {
+                "indices": [2],
+                "labels": [0],
+                "success": [True],
+                "distances": [4.0],
+                "predictions": [3],
+                "clean_scores": [1.5],
+                "adversarial_scores": [2.5],
+            },
+        },
+    }
+    retry = {  # sample 1 failed (still classified 2): attacked again, broken
+        "samples": [1],
+        "batches": {
+            "0": {
+                "indices": [1],
+                "labels": [2],
+                "success": [True],
+                "distances": [6.0],
+                "predictions": [5],
+                "clean_scores": [2.0],
+                "adversarial_scores": [1.5],
+            }
+        },
+    }
+    state = {"input_values": 4, "attacked": [0, 1, 2], "rounds": [first_round, retry]}
+    summary = recipe.summarize_detector_attack(state)
+    # every sample broken: mean L2 (2 + 6 + 4) / 3 = 4 over sqrt(4 input values)
+    assert summary.distortion == pytest.approx(2.0)
+    assert (summary.attacked, summary.done, summary.successes, summary.pairs) == (3, 3, 3, 3)
+    # adversarial scores 0.5, 1.5, 2.5 vs clean 1.0, 2.0, 1.5: 0 + (1 + 1/2) + 3 of 9 pairs
+    assert summary.auc == pytest.approx(0.5)
+    assert summary.rounds == 2
+    assert recipe.final_records(state)[1]["round"] == 1
+    first_only = recipe.summarize_detector_attack({**state, "rounds": [first_round]})
+    assert (first_only.successes, first_only.pairs) == (2, 2)
+    assert first_only.distortion == pytest.approx(1.5)
+    empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
+    assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
+    constants = [recipe.white_box_round(k).initial_const for k in range(3)]
+    assert constants == [1.0, 1e3, 1e6]
+
+
+def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
+    recipe = _recipe()
+    recipe.write_tables(tmp_path, "fashion-mnist")
+    table1 = (tmp_path / "table1.md").read_text()
+    assert _row(table1, "| pdm |")[1:4] == ["not run", "99.52", "—"]
+    assert "paper (mnist; the paper does not evaluate fashion-mnist)" in table1
+    assert _row((tmp_path / "table2.md").read_text(), "| JSMA |")[1:4] == ["not run", "0.995", "—"]
+    assert _row((tmp_path / "table3.md").read_text(), "| rce |")[5] == "0.104"
+    assert _row((tmp_path / "table4.md").read_text(), "| pdm |")[7] == "0.990"
+    assert not (tmp_path / "fig2_tsne.png").exists()
+
+
+def _fast(entry: AttackEntry, **parameters: Any) -> AttackEntry:
+    return dataclasses.replace(entry, parameters={**entry.parameters, **parameters})
+
+
+FAST_PARAMETERS = {
+    "l2-carlini-wagner-10x9": {"steps": 3, "binary_search_steps": 2},
+    "l2-carlini-wagner-hc-1000x9": {"steps": 3, "binary_search_steps": 2},
+    "l0-jsma": {"max_iterations": 3},
+}
+
+
+def _tiny(recipe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink the recipe's constants: resnet8, 4 epochs, 300 + 40 images, few attack steps."""
+
+    def small_dataset(name: str, split: str, **_: Any) -> LabeledImages:
+        data = load_dataset(name, split)
+        count = 300 if split == "train" else 40
+        return LabeledImages(data.images[:count], data.labels[:count])
+
+    def fast_entries(attack_ids: Any) -> tuple[AttackEntry, ...]:
+        entries = get_suite("pdm-graybox").entries
+        return tuple(
+            _fast(entry, **FAST_PARAMETERS.get(entry.id, {}))
+            for entry in entries
+            if entry.id in attack_ids
+        )
+
+    monkeypatch.setattr(recipe, "load_dataset", small_dataset)
+    monkeypatch.setattr(recipe, "graybox_entries", fast_entries)
+    monkeypatch.setattr(recipe, "ARCHITECTURE", "resnet8")
+    monkeypatch.setattr(recipe, "PROXY_ARCHITECTURE", "resnet8")
+    monkeypatch.setattr(recipe, "EPOCHS", {DATASET: 4})
+    monkeypatch.setattr(recipe, "BATCH_SIZE", 16)
+    monkeypatch.setattr(recipe, "HELD_OUT", {DATASET: 100})
+    monkeypatch.setattr(recipe, "STRONG_N", 6)
+    monkeypatch.setattr(recipe, "ADAPTIVE_STEPS", 2)
+    monkeypatch.setattr(recipe, "ATTACK_BATCH", 4)
+    monkeypatch.setattr(
+        recipe,
+        "WHITE_BOX_ATTACK",
+        CarliniWagnerDetectorAttack(
+            steps=4, binary_search_steps=2, classifier_steps=4, classifier_binary_search_steps=1
+        ),
+    )
+
+
+def _refuse(*_: Any, **__: Any) -> Any:
+    raise AssertionError("finished work was redone")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_recipe_runs_every_stage_then_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _recipe()
+    _tiny(recipe, monkeypatch)
+    models = ("ce", "pdm")
+    torch.manual_seed(0)
+    recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    directory = tmp_path / "pdm" / DATASET
+    for name in models:
+        assert (directory / "models" / name / "config.json").is_file()
+        for suffix in ("kde", "mahalanobis", "proxy", "proxy-kde"):
+            assert (directory / "models" / f"{name}-{suffix}" / "config.json").is_file()
+    training = json.loads((directory / "runs" / "table1" / "pdm.json").read_text())["training"]
+    assert training["variance_weight"] == recipe.VARIANCE_WEIGHT
+    assert training["arch"] == "resnet8" and training["train_samples"] == 200
+
+    table1 = (directory / "table1.md").read_text()
+    ce = _row(table1, "| ce |")
+    assert float(ce[1]) >= 0 and ce[2] == "99.33" and ce[4] not in ("not run", "—")
+    assert _row(table1, "| rce |")[1] == "not run"
+    assert "PDM - CE:" in table1
+
+    table2 = (directory / "table2.md").read_text()
+    for row in ("FGSM-0.05", "BIM-0.1", "C&W", "C&W-hc", "JSMA"):
+        cells = _row(table2, f"| {row} |")
+        assert cells[1] not in ("pending", "not run"), row  # ce
+        assert cells[4] == "not run"  # rce was not selected
+    fgsm = json.loads((directory / "runs" / "graybox-linf-0.05" / "run.json").read_text())
+    assert fgsm["config"]["grid_points"] == 1 and fgsm["config"]["thresholds"] == {"linf": 0.05}
+    assert len(fgsm["config"]["indices"]) == 12
+    strong = json.loads((directory / "runs" / "graybox-strong" / "run.json").read_text())
+    assert len(strong["config"]["indices"]) == 6
+    assert strong["config"]["thresholds"] == {"l0": 784.0, "l2": 28.0}
+    mahalanobis = json.loads((directory / "runs" / "graybox-cw" / "mahalanobis.json").read_text())
+    assert set(mahalanobis) == set(models)
+
+    table3 = (directory / "table3.md").read_text()
+    assert _row(table3, "| ce |")[1] != "not run" and _row(table3, "| rce |")[1] == "not run"
+    assert _row(table3, "| pdm | linf |")[2] == "0.300"
+    assert _row(table3, "| ce | l2 |")[2] == "1.500"
+    whitebox = json.loads((directory / "runs" / "whitebox" / "ce.json").read_text())
+    first = whitebox["rounds"][0]
+    assert first["samples"] == whitebox["attacked"]
+    assert sum(len(batch["indices"]) for batch in first["batches"].values()) == len(
+        first["samples"]
+    )
+    files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
+    assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
+    table4 = (directory / "table4.md").read_text()
+    assert _row(table4, "| pdm |")[1] != "—" and _row(table4, "| pdm |")[7] == "0.990"
+    for name in ("setup.md", "fig2_tsne.png", "fig_roc_graybox.png"):
+        assert (directory / name).is_file()
+    assert "RVL weighted 0.1" in (directory / "setup.md").read_text()
+
+    # a second run loads every model and detector and skips every finished attack
+    records = {
+        run: (directory / "runs" / run / "records.jsonl").read_text()
+        for run in ("graybox-linf-0.05", "graybox-cw", "graybox-strong")
+    }
+    for name in ("train_architecture", "train_pdm", "_adaptive_attack"):
+        monkeypatch.setattr(recipe, name, _refuse)
+    monkeypatch.setattr(CarliniWagnerDetectorAttack, "__call__", _refuse)
+    monkeypatch.setattr(recipe.KDEDetector, "fit", _refuse)
+    monkeypatch.setattr(recipe.MahalanobisDetector, "fit", _refuse)
+    monkeypatch.setattr(recipe, "tsne", _refuse)
+    recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    for run, text in records.items():
+        assert (directory / "runs" / run / "records.jsonl").read_text() == text
+    assert (directory / "table3.md").read_text() == table3
+
+
+def test_recipe_rejects_unknown_names(tmp_path: Path) -> None:
+    recipe = _recipe()
+    with pytest.raises(recipe.UserError, match="unknown model"):
+        recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 10, ("cnn",), (DATASET,))
+    with pytest.raises(recipe.UserError, match="unknown dataset"):
+        recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 10, ("ce",), ("svhn",))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_colour_images_take_the_same_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CIFAR-10 on a GPU runs the recipe unchanged: three channels through every model stage."""
+    recipe = _recipe()
+    _tiny(recipe, monkeypatch)
+    generator = torch.Generator().manual_seed(0)
+
+    def colour_dataset(name: str, split: str, **_: Any) -> LabeledImages:
+        count = 120 if split == "train" else 8
+        images = torch.rand(count, 3, 16, 16, generator=generator)
+        return LabeledImages(images, torch.arange(count) % 10)
+
+    monkeypatch.setattr(recipe, "load_dataset", colour_dataset)
+    monkeypatch.setattr(recipe, "EPOCHS", {"cifar10": 1})
+    monkeypatch.setattr(recipe, "HELD_OUT", {"cifar10": 40})
+    splits = recipe.load_splits("cifar10")
+    assert [len(part.labels) for part in splits] == [80, 20, 20, 8]
+    setting = recipe.Setting(
+        "cifar10",
+        tmp_path,
+        splits,
+        8,
+        0,
+        False,
+        torch.device("cpu"),
+    )
+    classifier = recipe._classifier(setting, "pdm")
+    assert classifier.config.in_channels == 3 and classifier.config.output == "negated"
+    defended = recipe._detectors(setting, "pdm", classifier)
+    strong = next(run for run in recipe.GRAYBOX_RUNS if run.strong)
+    config = recipe._graybox_config(setting, strong, recipe.graybox_entries(strong.attack_ids))
+    assert config.thresholds == {"l0": 768.0, "l2": pytest.approx(math.sqrt(768))}
+    recipe._adaptive(setting, "pdm", defended)
+    adaptive = json.loads((tmp_path / "runs" / "adaptive" / "pdm.json").read_text())
+    assert adaptive["attacks"]["orthogonal-linf"]["epsilon"] == pytest.approx(8 / 255)
+    recipe._whitebox(setting, "pdm", defended)
+    assert (tmp_path / "runs" / "whitebox" / "pdm.json").is_file()
