@@ -12,6 +12,7 @@ import torch
 
 import advdefense
 from advdefense.cli import main
+from advdefense.defenses.dim import DIM
 from advdefense.nn import AbsCNN
 
 SUBCOMMANDS = ("datasets", "train", "evaluate", "report", "reproduce", "demo")
@@ -330,8 +331,29 @@ def test_demo_meets_its_acceptance_bar(capsys: pytest.CaptureFixture[str], tmp_p
     code, out, err = _run(capsys, "demo", "--out", str(tmp_path / "demo"), "--quiet")
     assert code == 0, err
     report = json.loads((tmp_path / "demo" / "run" / "report.json").read_text())
-    cnn = report["models"]["cnn"]
+    cnn, dim = report["models"]["cnn"], report["models"]["dim"]
     assert cnn["clean_accuracy"] >= 0.95
-    assert set(cnn["attacks"]) == {"fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"}
-    assert cnn["flags"] == []
+    assert dim["clean_accuracy"] >= 0.8
+    for model in (cnn, dim):
+        assert set(model["attacks"]) == {"fgsm", "linf-pgd", "l2-pgd", "l2-deepfool"}
+        assert model["flags"] == []
     assert "| clean accuracy |" in out
+
+
+def test_demo_trains_saves_and_attacks_both_models(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    out = tmp_path / "demo"
+    args = ("demo", "--out", str(out), "--quiet", "--n", "6", "--epochs", "1", "--dim-epochs", "1")
+    code, printed, err = _run(capsys, *args)
+    assert code == 0, err
+    assert isinstance(advdefense.load(out / "models" / "cnn"), AbsCNN)
+    dim = advdefense.load(out / "models" / "dim")
+    assert isinstance(dim, DIM)
+    training = json.loads((out / "models" / "dim" / "config.json").read_text())["training"]
+    assert (training["denoiser_epochs"], training["internal_epochs"]) == (1, 1)
+    report = json.loads((out / "run" / "report.json").read_text())
+    assert set(report["models"]) == {"cnn", "dim"}
+    assert "models:" in printed and str(out / "models" / "dim") in printed
+    code, _, err = _run(capsys, "demo", "--out", str(out), "--quiet", "--dim-epochs", "0")
+    assert code == 2 and "dim_epochs" in err
