@@ -1069,8 +1069,9 @@ def _table2_notes(directory: Path, dataset: str, runs: Mapping[str, Any]) -> str
         f"(first test samples of {dataset}; {shown}). FGSM and BIM (10 steps) at the fixed "
         "L-inf epsilon of the row (the paper's [-0.5, 0.5] scale has width 1, so the same "
         "values on [0, 1]); C&W 9 x 10 steps, confidence 0; C&W-hc 9 x 1,000 steps, "
-        "confidence 10; JSMA at most 100 iterations, theta 1, gamma 1, random targets; all "
-        f"untargeted as in the paper (Foolbox 3.3.4 and our JSMA). {_paper_heading(dataset)}; "
+        "confidence 10; JSMA at most 100 iterations, theta 1, gamma 1, towards a random "
+        "target (what Cleverhans' JSMA does when run untargeted); the others untargeted, as in "
+        f"the paper (Foolbox 3.3.4 and our JSMA). {_paper_heading(dataset)}; "
         "'ce' is its Baseline. `pending`: not computed yet; `not run`: the model was not "
         "evaluated; `no pairs`: no successful adversarial."
     )
