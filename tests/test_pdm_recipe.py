@@ -182,6 +182,7 @@ def _tiny(recipe: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(recipe, "STRONG_N", 6)
     monkeypatch.setattr(recipe, "ADAPTIVE_STEPS", 2)
     monkeypatch.setattr(recipe, "ATTACK_BATCH", 4)
+    monkeypatch.setattr(recipe, "WHITE_BOX_BATCH", 2)
     monkeypatch.setattr(
         recipe,
         "WHITE_BOX_ATTACK",
@@ -202,8 +203,17 @@ def test_recipe_runs_every_stage_then_resumes(
     recipe = _recipe()
     _tiny(recipe, monkeypatch)
     models = ("ce", "pdm")
+    attacked: list[int] = []  # the defended model of each C&W-wb batch, in order
+    attack_batch = recipe._attack_batch
+
+    def recorded(*args: Any) -> Any:
+        attacked.append(id(args[3]))
+        return attack_batch(*args)
+
+    monkeypatch.setattr(recipe, "_attack_batch", recorded)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    assert len(attacked) >= 4 and attacked[0] != attacked[1]  # white-box batches alternate
     directory = tmp_path / "pdm" / DATASET
     for name in models:
         assert (directory / "models" / name / "config.json").is_file()
