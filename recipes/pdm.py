@@ -83,7 +83,7 @@ from advdefense.attacks.norms import Norm, perturbation_norm
 from advdefense.attacks.suites import AttackSuite, get_suite
 from advdefense.data import LabeledImages, load_dataset
 from advdefense.defenses.detector import Detector, detector_scores
-from advdefense.defenses.kde import KDEDetector, compute_embeddings
+from advdefense.defenses.kde import EmbeddingDetector, KDEDetector, compute_embeddings
 from advdefense.defenses.mahalanobis import MahalanobisDetector
 from advdefense.errors import DatasetNotFoundError, UserError
 from advdefense.evaluation.clustering import davies_bouldin_index
@@ -378,17 +378,20 @@ def _classifier(setting: Setting, name: str) -> ResNet:
     return classifier
 
 
-def _saved_detector(path: Path, classifier: nn.Module, device: torch.device) -> Detector | None:
-    """The detector saved at ``path`` if it guards these very weights, else None."""
+def _saved_detector(
+    path: Path, classifier: nn.Module, device: torch.device
+) -> EmbeddingDetector | None:
+    """The detector saved at ``path`` if it guards these very weights, else None; it then
+    guards ``classifier`` itself, so that attacks share one forward pass for both."""
     if not (path / "config.json").is_file():
         return None
     detector = advdefense.load(path, device=device)
-    guarded = getattr(detector, "classifier", None)
-    if not isinstance(detector, Detector) or not isinstance(guarded, nn.Module):
+    if not isinstance(detector, EmbeddingDetector):
         return None
-    if model_fingerprint(guarded) != model_fingerprint(classifier):
+    if model_fingerprint(detector.classifier) != model_fingerprint(classifier):
         print(f"{path} guards other weights than the current model: refitted")
         return None
+    detector.classifier = classifier
     return detector
 
 

@@ -14,6 +14,7 @@ from scipy.stats import multivariate_normal
 
 import advdefense
 import advdefense.nn.resnet  # registers "resnet" (until the registry imports it)
+from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack, class_scores_and_score
 from advdefense.defenses.detector import RejectingClassifier, detector_scores
 from advdefense.defenses.kde import KDEDetector, gaussian_kde_log_density, select_per_class
 from advdefense.defenses.losses import (
@@ -343,6 +344,32 @@ def test_kde_gradient_is_finite_and_non_zero(kde: KDEDetector) -> None:
     assert images.grad is not None
     assert torch.isfinite(images.grad).all()
     assert (images.grad.flatten(1).abs().sum(1) > 0).all()
+
+
+def test_attack_steps_share_one_forward_pass(
+    kde: KDEDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A detector on this very classifier gives scores and score from one embedding; another
+    module with the same weights takes two passes; the attack's result is the same."""
+    images = _clustered_images(6, seed=8)[0]
+    classifier = kde.classifier
+    twin = copy.deepcopy(classifier)
+    embeddings: list[int] = []
+    for model in (classifier, twin):
+        embed = model.embed
+        monkeypatch.setattr(model, "embed", lambda x, embed=embed: embeddings.append(1) or embed(x))
+    shared = class_scores_and_score(classifier, kde, images)
+    assert len(embeddings) == 1
+    separate = class_scores_and_score(twin, kde, images)
+    assert len(embeddings) == 3
+    assert torch.equal(shared[0], separate[0]) and torch.equal(shared[1], separate[1])
+    assert torch.equal(shared[1], kde.score(images))
+    labels = classifier(images).argmax(1)
+    attack = CarliniWagnerDetectorAttack(steps=4, binary_search_steps=2, classifier_steps=3)
+    threshold = float(kde.score(images).median())
+    one = attack(classifier, kde, images, labels, threshold=threshold)
+    two = attack(twin, kde, images, labels, threshold=threshold)
+    assert torch.equal(one.adversarials, two.adversarials) and torch.equal(one.success, two.success)
 
 
 def test_kde_threshold_hits_the_requested_rate(kde: KDEDetector) -> None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from abc import abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
@@ -252,11 +253,22 @@ class EmbeddingDetector(Detector):
             )
         self.classifier = check_embedding_classifier(classifier)
 
-    def embed_and_predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The embedding (differentiable) and the predicted class of each image."""
+    @abstractmethod
+    def score_from_embedding(
+        self, embedding: torch.Tensor, predicted: torch.Tensor
+    ) -> torch.Tensor:
+        """The score (float64, N) of images with this embedding and predicted class."""
+
+    def class_scores_and_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The classifier's class scores and this detector's score from one forward pass, both
+        differentiable: what a detector-aware attack needs at every step."""
         embedding = _interface(self.classifier).embed(images)
-        scores = _interface(self.classifier).scores_from_embedding(embedding)
-        return embedding, scores.detach().argmax(dim=1)
+        class_scores = _interface(self.classifier).scores_from_embedding(embedding)
+        predicted = class_scores.detach().argmax(dim=1)
+        return class_scores, self.score_from_embedding(embedding, predicted)
+
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        return self.class_scores_and_score(images)[1]
 
 
 @dataclass(frozen=True)
@@ -339,9 +351,10 @@ class KDEDetector(EmbeddingDetector):
             self.config.embedding_dim,
         )
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
+    def score_from_embedding(
+        self, embedding: torch.Tensor, predicted: torch.Tensor
+    ) -> torch.Tensor:
         """``-log p_c(embed(x))`` under the predicted class ``c`` (float64, N)."""
-        embedding, predicted = self.embed_and_predict(images)
         return -self.log_density(embedding, predicted)
 
     @classmethod

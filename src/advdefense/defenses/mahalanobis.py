@@ -149,9 +149,11 @@ class MahalanobisDetector(EmbeddingDetector):
         centred = embeddings.to(torch.float64).unsqueeze(1) - self.class_means.unsqueeze(0)
         return torch.einsum("nkd,de,nke->nk", centred, self.precision, centred)
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
-        """The smallest squared Mahalanobis distance over the classes (float64, N)."""
-        embedding, _ = self.embed_and_predict(images)
+    def score_from_embedding(
+        self, embedding: torch.Tensor, predicted: torch.Tensor
+    ) -> torch.Tensor:
+        """The smallest squared Mahalanobis distance over the classes (float64, N); the
+        predicted class plays no part (Lee et al. 2018)."""
         return self.distances(embedding).min(dim=1).values
 
     @classmethod
