@@ -14,7 +14,11 @@ from scipy.stats import multivariate_normal
 
 import advdefense
 import advdefense.nn.resnet  # registers "resnet" (until the registry imports it)
-from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack, class_scores_and_score
+from advdefense.attacks.detector_aware import (
+    CarliniWagnerDetectorAttack,
+    OrthogonalPGD,
+    class_scores_and_score,
+)
 from advdefense.defenses.detector import RejectingClassifier, detector_scores
 from advdefense.defenses.kde import KDEDetector, gaussian_kde_log_density, select_per_class
 from advdefense.defenses.losses import (
@@ -370,6 +374,10 @@ def test_attack_steps_share_one_forward_pass(
     one = attack(classifier, kde, images, labels, threshold=threshold)
     two = attack(twin, kde, images, labels, threshold=threshold)
     assert torch.equal(one.adversarials, two.adversarials) and torch.equal(one.success, two.success)
+    orthogonal = OrthogonalPGD(norm="l2", steps=3)
+    one = orthogonal(classifier, kde, images, labels, 1.0, threshold=threshold)
+    two = orthogonal(twin, kde, images, labels, 1.0, threshold=threshold)
+    assert torch.equal(one.adversarials, two.adversarials)
 
 
 def test_kde_threshold_hits_the_requested_rate(kde: KDEDetector) -> None:

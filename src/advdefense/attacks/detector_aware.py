@@ -553,8 +553,8 @@ class OrthogonalPGD:
         for step in range(self.steps + 1):
             inputs = current.detach().requires_grad_(True)
             with torch.enable_grad():
-                scores = _class_scores(classifier, inputs)
-                suspicion = detector.score(inputs).to(torch.float64)
+                scores, suspicion = class_scores_and_score(classifier, detector, inputs)
+                suspicion = suspicion.to(torch.float64)
                 objective = _classification_objective(
                     scores, classes, targeted=targeted, loss=self.loss
                 )
