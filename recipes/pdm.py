@@ -49,8 +49,11 @@ white-box, adaptive and black-box results are cached per model as JSON in ``runs
 Deviations from the paper (also written to ``setup.md``): ResNet-20 instead of ResNet-56 and
 ``EPOCHS`` instead of 80 / 400 epochs (CPU budget); SGD 0.1 with momentum 0.9 and step decay at
 50% / 75% of training, weight decay 0.002 (see :mod:`advdefense.training.pdm`); the RVL term
-weighted ``VARIANCE_WEIGHT`` = 0.1 for Siamese + RVL and PDM, because with weight 1 the
-embedding collapses to a point (RVL is minimized by any constant embedding); the last
+weighted ``VARIANCE_WEIGHT`` = 0.1 for Siamese + RVL and PDM, because with weight 1 PDM
+trains badly (RVL is minimized by shrinking every embedding towards one point): measured on
+mnist-sample, 40 epochs, seed 0, 58.3% test accuracy with weight 1 (``advdefense train pdm
+--arch resnet20 --dataset mnist-sample --epochs 40 --variance-weight 1``, on all 4,000
+training images) against 98.5% with 0.1 in this recipe (3,500 images); the last
 ``HELD_OUT`` training images are held out for the detectors. The paper's [-0.5, 0.5] input
 scale has width 1, so its epsilons 0.05 and 0.1 are the same on our [0, 1] scale. C&W uses
 Cleverhans' initial constant 0.01 and Foolbox's step size 0.01; JSMA gamma 1 (Cleverhans'
@@ -1412,9 +1415,11 @@ def _deviations(dataset: str) -> list[str]:
         "momentum 0.9 "
         "and a step decay (x0.1 at 50% and 75% of the steps) as in Pang et al.'s RCE code; no "
         "data augmentation (see advdefense.training.pdm).",
-        f"RVL weighted {VARIANCE_WEIGHT} instead of 1 for Siamese + RVL and PDM: with weight 1 "
-        "the embedding collapses to one point in short runs (RVL is minimized by a constant "
-        "embedding) and accuracy stays at chance.",
+        f"RVL weighted {VARIANCE_WEIGHT} instead of 1 for Siamese + RVL and PDM: RVL is "
+        "minimized by shrinking every embedding towards one point, and with weight 1 PDM trains "
+        "badly: 58.3% test accuracy on mnist-sample after 40 epochs, seed 0 (`advdefense train "
+        "pdm --arch resnet20 --dataset mnist-sample --epochs 40 --variance-weight 1`, all 4,000 "
+        "training images), against 98.5% with weight 0.1 in this recipe.",
         f"The last {held_out} training images are held out (never trained on): the first half "
         "chooses the KDE bandwidth, the second sets the 5%-FPR thresholds and the C&W-wb "
         "median thresholds.",
