@@ -131,7 +131,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "--variance-weight",
         type=float,
         default=PDMTrainingConfig.variance_weight,
-        help="pdm family: weight of the reduce-variance loss (default 1, Algorithm 1)",
+        help="pdm family: weight of the reduce-variance loss (default 1, Algorithm 1; with "
+        "ResNet-20 on mnist-sample 1 gave 58.3%% test accuracy and 0.1 gave 98.5%%: see "
+        "results/pdm/README.md)",
     )
     train.add_argument("--n-train", type=int, help="train on the first N samples only")
     train.add_argument(
