@@ -250,6 +250,12 @@ def test_recipe_runs_every_stage_then_resumes(
     whitebox = json.loads((directory / "runs" / "whitebox" / "ce.json").read_text())
     first = whitebox["rounds"][0]
     assert first["samples"] == whitebox["attacked"]
+    assert whitebox["evasion"] == "own-clean-score" and len(whitebox["thresholds"]) == 6
+    for batch in first["batches"].values():  # a success scores at most its clean image
+        scores = zip(
+            batch["success"], batch["clean_scores"], batch["adversarial_scores"], strict=True
+        )
+        assert all(adversarial <= clean + 1e-6 for ok, clean, adversarial in scores if ok)
     assert sum(len(batch["indices"]) for batch in first["batches"].values()) == len(
         first["samples"]
     )
