@@ -61,6 +61,7 @@ from advdefense.evaluation.summary import FixedSummary, ModelSummary, broken_at
 from advdefense.modes import device_of
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.training.architectures import TrainOptions, train_architecture
+from advdefense.training.checkpoint import EpochCheckpoint
 
 DEFAULT_N = 1000
 DIM42_N = 200
@@ -227,7 +228,12 @@ def _model(
         dim_training = DIM_TRAINING_SMALL if dataset == "mnist-sample" else DIM_TRAINING
         settings = {"cnn": CNN_TRAINING, "madry": MADRY_TRAINING}.get(name, dim_training)
         print(f"training {name} on {dataset} with {settings}")
-        options = TrainOptions(**settings, seed=seed, device=device)  # type: ignore[arg-type]
+        options = TrainOptions(
+            **settings,  # type: ignore[arg-type]
+            seed=seed,
+            device=device,
+            checkpoint=EpochCheckpoint(path),  # cnn and madry resume epoch by epoch
+        )
         model, training = train_architecture(name, train.images, train.labels, options)
     model = model.to(device).eval()
     accuracy = clean_accuracy(model, test.images, test.labels)
@@ -240,6 +246,7 @@ def _model(
         seed=seed,
         metrics={"test_accuracy": accuracy, "test_samples": int(test.images.shape[0])},
     )
+    EpochCheckpoint(path).remove()
     return model
 
 

@@ -329,3 +329,50 @@ def test_colour_images_take_the_same_path(tmp_path: Path, monkeypatch: pytest.Mo
     assert adaptive["attacks"]["orthogonal-linf"]["epsilon"] == pytest.approx(8 / 255)
     recipe._whitebox(setting, "pdm", defended)
     assert (tmp_path / "runs" / "whitebox" / "pdm.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_models_follow_the_epochs_and_interrupted_training_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A saved model trained for other epochs than ``EPOCHS`` is retrained; an interrupted
+    training resumes from its per-epoch state to the weights of an uninterrupted one."""
+    recipe = _recipe()
+    _tiny(recipe, monkeypatch)
+    setting = recipe.Setting(
+        DATASET, tmp_path, recipe.load_splits(DATASET), 12, 0, False, torch.device("cpu")
+    )
+    uninterrupted = recipe._classifier(setting, "ce")
+    saved = json.loads((tmp_path / "models" / "ce" / "config.json").read_text())
+    assert saved["training"]["epochs"] == 4 and saved["training"]["seconds"] > 0
+    assert (
+        recipe._classifier(setting, "ce").state_dict().keys() == uninterrupted.state_dict().keys()
+    )
+
+    monkeypatch.setattr(recipe, "EPOCHS", {DATASET: 3})
+    save = recipe.EpochCheckpoint.save
+
+    def crash_after_two(self: Any, **kwargs: Any) -> None:
+        save(self, **kwargs)
+        if kwargs["epochs_done"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(recipe.EpochCheckpoint, "save", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        recipe._classifier(setting, "ce")
+    assert "trained for 4 epochs, the recipe trains 3" in capsys.readouterr().out
+    state = tmp_path / "models" / "ce" / "training-state.safetensors"
+    assert state.is_file()
+    monkeypatch.setattr(recipe.EpochCheckpoint, "save", save)
+    resumed = recipe._classifier(setting, "ce")
+    assert "resuming the interrupted training" in capsys.readouterr().out
+    assert not state.exists()
+    assert (
+        json.loads((tmp_path / "models" / "ce" / "config.json").read_text())["training"]["epochs"]
+        == 3
+    )
+
+    fresh = tmp_path / "fresh"
+    expected = recipe._classifier(dataclasses.replace(setting, directory=fresh), "ce")
+    for key, value in expected.state_dict().items():
+        assert torch.equal(resumed.state_dict()[key], value), key

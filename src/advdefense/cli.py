@@ -30,6 +30,7 @@ from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
 from advdefense.io import load, load_config, save
 from advdefense.training.architectures import TRAINABLE, TrainOptions, train_architecture
+from advdefense.training.checkpoint import STATE_FILE, EpochCheckpoint
 from advdefense.training.pdm import PDMTrainingConfig
 from advdefense.validation import check_positive_int
 
@@ -97,7 +98,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model and save it as safetensors + JSON",
         description="Train ARCH on a dataset's training split and save a loadable model "
-        "directory (model.safetensors + config.json) to --out.",
+        "directory (model.safetensors + config.json) to --out. cnn, madry and the PDM family "
+        f"save their state to --out/{STATE_FILE} after every epoch: rerunning an interrupted "
+        "command resumes from the last finished epoch.",
     )
     train.add_argument(
         "architecture",
@@ -316,8 +319,12 @@ def _train(args: argparse.Namespace) -> None:
         weight_decay=args.weight_decay,
         variance_weight=args.variance_weight,
         pgd=PGDConfig(epsilon=args.pgd_epsilon, steps=args.pgd_steps, step_size=args.pgd_step_size),
+        checkpoint=EpochCheckpoint(Path(args.out)),
     )
     check_positive_int(args.epochs, "--epochs")
+    assert options.checkpoint is not None
+    if options.checkpoint.path.is_file():
+        print(f"resuming the interrupted training saved in {options.checkpoint.path}")
     model, training = train_architecture(args.architecture, images, labels, options)
     test_images, test_labels = load_dataset(args.dataset, "test", args.data_root)
     accuracy = clean_accuracy(model, test_images, test_labels)
@@ -329,6 +336,7 @@ def _train(args: argparse.Namespace) -> None:
         seed=args.seed,
         metrics={"test_accuracy": accuracy, "test_samples": int(test_images.shape[0])},
     )
+    options.checkpoint.remove()
     print(
         f"saved {args.architecture} to {args.out}: test accuracy {100 * accuracy:.2f}% "
         f"(n={test_images.shape[0]})"

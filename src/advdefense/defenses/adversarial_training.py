@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from advdefense.errors import InputError
+from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.loop import TrainingConfig, TrainingHistory, train_classifier
 from advdefense.validation import check_images, check_labels, check_positive_int
 
@@ -115,6 +116,7 @@ def train_madry(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> TrainingHistory:
     """Adversarially train ``model`` on PGD examples only (Madry et al. 2018); eval mode after.
 
@@ -122,6 +124,7 @@ def train_madry(
     BatchNorm-free models such as :class:`~advdefense.nn.madry_cnn.MadryCNN` this equals
     Madry's TF code, which attacks the training-mode graph. Random starts draw from the global
     RNG, seeded by ``training.seed``. The history's loss and accuracy are on the PGD examples.
+    A ``checkpoint`` makes the run resumable epoch by epoch (:func:`train_classifier`).
     """
     return train_classifier(
         model,
@@ -131,4 +134,6 @@ def train_madry(
         device=device,
         progress=progress,
         batch_transform=madry_batch_transform(pgd),
+        checkpoint=checkpoint,
+        run_identity={"adversarial_training": asdict(pgd)},
     )

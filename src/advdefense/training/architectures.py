@@ -20,10 +20,12 @@ from torch import nn
 
 from advdefense.defenses.adversarial_training import PGDConfig, train_madry
 from advdefense.defenses.dim import InternalModelClassifier
+from advdefense.devices import seed_everything
 from advdefense.errors import InputError
 from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig
 from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
 from advdefense.registry import get_architecture
+from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.dim import DIMTrainingConfig, train_dim_family
 from advdefense.training.loop import TrainingConfig, train_classifier
 from advdefense.training.pdm import LOSSES, PDMTrainingConfig, build_resnet, train_pdm
@@ -52,6 +54,8 @@ class TrainOptions:
     arch: str = "resnet20"
     weight_decay: float = PDMTrainingConfig.weight_decay
     variance_weight: float = PDMTrainingConfig.variance_weight
+    checkpoint: EpochCheckpoint | None = None
+    """Per-epoch resumable state (cnn, madry and the PDM family; DIM trains in one go)."""
 
     def resolved(self, architecture: str) -> TrainOptions:
         """These options with the family's default batch size and learning rate filled in."""
@@ -66,11 +70,16 @@ class TrainOptions:
 def train_architecture(
     architecture: str, images: torch.Tensor, labels: torch.Tensor, options: TrainOptions
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build ``architecture`` for ``images`` and train it; return it with its training record."""
+    """Build ``architecture`` for ``images`` and train it; return it with its training record.
+
+    Everything is seeded with ``options.seed`` before the model is built, so its initial weights
+    depend on the seed alone, not on what the process drew from the global generators before.
+    """
     if architecture not in TRAINABLE:
         raise InputError(f"cannot train {architecture!r}; trainable: {', '.join(TRAINABLE)}")
     options = options.resolved(architecture)
     assert options.batch_size is not None and options.learning_rate is not None
+    seed_everything(options.seed)
     if architecture in PDM_FAMILY:
         return _train_pdm_family(architecture, images, labels, options)
     if tuple(images.shape[1:]) != (1, 28, 28) and architecture != "cnn":
@@ -107,6 +116,7 @@ def train_architecture(
             options.pgd,
             device=options.device,
             progress=options.progress,
+            checkpoint=options.checkpoint,
         )
         record = {**asdict(training), "adversarial_training": asdict(options.pgd)}
     else:
@@ -114,7 +124,13 @@ def train_architecture(
             raise InputError(f"cnn takes 28 x 28 images, got {tuple(images.shape[2:])}")
         model = AbsCNN(AbsCNNConfig(in_channels=int(images.shape[1])))
         history = train_classifier(
-            model, images, labels, training, device=options.device, progress=options.progress
+            model,
+            images,
+            labels,
+            training,
+            device=options.device,
+            progress=options.progress,
+            checkpoint=options.checkpoint,
         )
         record = asdict(training)
     return model, {**record, "final_train_accuracy": history.epochs[-1].accuracy}
@@ -141,7 +157,18 @@ def _train_pdm_family(
         seed=options.seed,
     )
     model, history = train_pdm(
-        model, images, labels, config, device=options.device, progress=options.progress
+        model,
+        images,
+        labels,
+        config,
+        device=options.device,
+        progress=options.progress,
+        checkpoint=options.checkpoint,
     )
-    record = {**asdict(config), "arch": options.arch}
-    return model, {**record, "final_train_accuracy": history.epochs[-1].accuracy}
+    seconds = sum(getattr(record, "seconds", 0.0) for record in history.epochs)
+    return model, {
+        **asdict(config),
+        "arch": options.arch,
+        "final_train_accuracy": history.epochs[-1].accuracy,
+        "seconds": seconds,  # summed over the epochs, resumed ones included
+    }

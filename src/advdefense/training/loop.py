@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, is_dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from tqdm.auto import tqdm
 from advdefense.devices import seed_everything
 from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
+from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun, data_digest
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = [
@@ -72,6 +74,8 @@ def train_classifier(
     device: torch.device | None = None,
     progress: bool = True,
     batch_transform: BatchTransform | None = None,
+    checkpoint: EpochCheckpoint | None = None,
+    run_identity: Mapping[str, Any] | None = None,
 ) -> TrainingHistory:
     """Train ``model`` with cross-entropy on ``(images, labels)``; leave it in eval mode.
 
@@ -81,6 +85,11 @@ def train_classifier(
     forward passes and the attack targets the model as it will be evaluated; train mode is
     restored before the update. The recorded loss and accuracy are those on the transformed
     batches.
+
+    With a ``checkpoint``, the state is saved after every epoch and a rerun of the same run
+    resumes from its last finished epoch. The run's identity is the config, the model's class
+    and config, the data, and ``run_identity`` (whatever else shapes it, such as the
+    ``batch_transform``'s parameters); the caller removes the state once the model is saved.
     """
     check_images(images, "images")
     check_labels(labels, "labels", batch_size=images.shape[0])
@@ -100,18 +109,34 @@ def train_classifier(
             weight_decay=config.weight_decay,
         )
     loss_function = nn.CrossEntropyLoss()
-    history = TrainingHistory()
+    model_config = getattr(model, "config", None)
+    identity = {
+        "trainer": "classifier",
+        "config": asdict(config),
+        "model": type(model).__name__,
+        "model_config": (
+            asdict(model_config)
+            if is_dataclass(model_config) and not isinstance(model_config, type)
+            else None
+        ),
+        "data": data_digest(images, labels),
+        **dict(run_identity or {}),
+    }
+    run = TrackedRun(checkpoint, identity, model, optimizer, generator)
+    resumed = run.restore()
+    history = TrainingHistory(resumed.records_as(EpochRecord))
     count = images.shape[0]
     batches_per_epoch = math.ceil(count / config.batch_size)
     bar = tqdm(
         total=config.epochs * batches_per_epoch,
+        initial=resumed.epochs_done * batches_per_epoch,
         desc="train",
         unit="batch",
         disable=not progress,
         leave=False,
     )
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(resumed.epochs_done + 1, config.epochs + 1):
             order = torch.randperm(count, generator=generator)
             total_loss, correct = 0.0, 0
             for start in range(0, count, config.batch_size):
@@ -131,6 +156,7 @@ def train_classifier(
                 bar.update(1)
             record = EpochRecord(epoch, total_loss / count, correct / count)
             history.epochs.append(record)
+            run.save(history.epochs)
             bar.set_postfix(epoch=epoch, loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.4f}")
     finally:
         bar.close()

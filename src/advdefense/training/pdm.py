@@ -40,8 +40,9 @@ not state, recorded in the config:
 from __future__ import annotations
 
 import math
+import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -58,6 +59,7 @@ from advdefense.defenses.losses import (
 from advdefense.devices import seed_everything
 from advdefense.errors import InputError, UserError
 from advdefense.nn.resnet import ResNet, resnet_config
+from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun, data_digest
 from advdefense.training.loop import EpochRecord, TrainingHistory
 from advdefense.validation import (
     check_images,
@@ -143,12 +145,14 @@ class PDMTrainingConfig:
 
 @dataclass(frozen=True)
 class PDMEpochRecord(EpochRecord):
-    """One epoch's means: total loss, its terms, anchor accuracy, and the last learning rate."""
+    """One epoch's means: total loss, its terms, anchor accuracy, the last learning rate, and
+    the epoch's wall time (a resumed run's total is the sum over its records)."""
 
     classification_loss: float
     siamese_loss: float
     variance_loss: float
     learning_rate: float
+    seconds: float
 
 
 class PDMLossTerms(NamedTuple):
@@ -240,6 +244,7 @@ def train_pdm(
     *,
     device: torch.device | None = None,
     progress: bool = True,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[ResNet, TrainingHistory]:
     """Train ``model`` on ``(images, labels)`` with ``config.loss``; return it and its history.
 
@@ -247,6 +252,9 @@ def train_pdm(
     partner draws use a generator seeded with ``config.seed``; seed before building the model
     (:func:`build_resnet`) for reproducible weights. The history holds one
     :class:`PDMEpochRecord` per epoch. The model is left in eval mode on ``device``.
+    With a ``checkpoint``, the state is saved after every epoch and an interrupted run with
+    the same config, architecture and data resumes from its last finished epoch; the caller
+    removes the state once the model is saved.
     """
     if not isinstance(model, ResNet):
         raise InputError(f"model must be an advdefense ResNet, got {type(model).__name__}")
@@ -269,20 +277,29 @@ def train_pdm(
     batches_per_epoch = math.ceil(count / config.batch_size)
     total_steps = config.epochs * batches_per_epoch
     milestones = sorted({round(fraction * total_steps) for fraction in config.lr_milestones})
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(
-        optimizer, milestones=milestones, gamma=config.lr_decay
-    )
+    identity = {
+        "trainer": "pdm",
+        "config": asdict(config),
+        "model": asdict(model.config),
+        "data": data_digest(images, labels),
+    }
+    run = TrackedRun(checkpoint, identity, model, optimizer, generator)
+    resumed = run.restore()
     pool_labels = labels.cpu()
     history = TrainingHistory()
+    history.epochs.extend(resumed.records_as(PDMEpochRecord))
+    step = resumed.epochs_done * batches_per_epoch
     bar = tqdm(
         total=total_steps,
+        initial=step,
         desc=f"train {config.loss}",
         unit="batch",
         disable=not progress,
         leave=False,
     )
     try:
-        for epoch in range(1, config.epochs + 1):
+        for epoch in range(resumed.epochs_done + 1, config.epochs + 1):
+            epoch_started = time.perf_counter()
             order = torch.randperm(count, generator=generator)
             sums = torch.zeros(4, dtype=torch.float64)
             correct, rate = 0, config.learning_rate
@@ -313,9 +330,13 @@ def train_pdm(
                         "lower learning_rate"
                     )
                 terms.total.backward()  # type: ignore[no-untyped-call]
-                rate = float(optimizer.param_groups[0]["lr"])
+                rate = config.learning_rate * config.lr_decay ** sum(
+                    step >= milestone for milestone in milestones
+                )
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
                 optimizer.step()
-                scheduler.step()
+                step += 1
                 values = (terms.total, terms.classification, terms.siamese, terms.variance)
                 sums += torch.tensor([float(value.detach()) for value in values]) * len(index)
                 correct += int((terms.anchor_scores.argmax(1).cpu() == batch_labels).sum())
@@ -329,8 +350,10 @@ def train_pdm(
                 siamese_loss=means[2],
                 variance_loss=means[3],
                 learning_rate=rate,
+                seconds=time.perf_counter() - epoch_started,
             )
             history.epochs.append(record)
+            run.save(history.epochs)
             bar.set_postfix(epoch=epoch, loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.4f}")
     finally:
         bar.close()

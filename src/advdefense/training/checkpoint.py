@@ -1,0 +1,226 @@
+"""Resumable training: the state after each epoch, in one safetensors file.
+
+Long CPU runs (PDM on Fashion-MNIST, adversarial training) outlive a session. A trainer given
+an :class:`EpochCheckpoint` saves, after every epoch, everything the next epoch depends on: the
+model's state dict (BatchNorm buffers included), the optimizer's state (momentum buffers, Adam
+moments), the trainer's and torch's random-number generator states, and the history so far.
+Restarting the same run then continues from the last finished epoch and ends with the weights
+an uninterrupted run would have produced.
+
+The file is written to a temporary name and renamed into place, so an interrupted save leaves
+the previous epoch's state intact. Tensors are safetensors; everything else is JSON in the
+safetensors header, never pickle. Each state records the run's *identity* (hyperparameters,
+architecture, a digest of the training data): a state from another run is refused with an
+error naming what differs, not silently resumed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from advdefense.errors import CheckpointError, UserError
+
+__all__ = ["STATE_FILE", "EpochCheckpoint", "ResumedRun", "TrackedRun", "data_digest"]
+
+STATE_FILE = "training-state.safetensors"
+_FORMAT = 1
+_MODEL = "model."
+_OPTIMIZER = "optimizer."
+_GENERATOR = "generator"
+_TORCH_RNG = "torch_rng"
+
+Record = TypeVar("Record")
+
+
+def data_digest(*tensors: torch.Tensor) -> str:
+    """SHA-256 of the tensors' shapes, dtypes and bytes (the training data's identity)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().cpu().contiguous()
+        digest.update(f"{tuple(flat.shape)}:{flat.dtype};".encode())
+        digest.update(flat.view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumedRun:
+    """What :meth:`EpochCheckpoint.restore` recovered: epochs done and their records."""
+
+    epochs_done: int
+    records: list[dict[str, Any]]
+
+    def records_as(self, record_type: type[Record]) -> list[Record]:
+        """The records as ``record_type`` instances (the trainer's epoch dataclass)."""
+        return [record_type(**record) for record in self.records]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochCheckpoint:
+    """The directory where a training run keeps :data:`STATE_FILE` between epochs."""
+
+    directory: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "directory", Path(self.directory))
+
+    @property
+    def path(self) -> Path:
+        """The state file."""
+        return self.directory / STATE_FILE
+
+    def save(
+        self,
+        *,
+        identity: Mapping[str, Any],
+        epochs_done: int,
+        records: Sequence[Any],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+    ) -> None:
+        """Write the state after ``epochs_done`` epochs (``records``: dataclasses, one each)."""
+        tensors = {
+            _MODEL + key: value.detach().cpu().contiguous()
+            for key, value in model.state_dict().items()
+        }
+        optimizer_state = optimizer.state_dict()
+        scalars: dict[str, dict[str, Any]] = {}
+        for index, values in optimizer_state["state"].items():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{_OPTIMIZER}{index}.{name}"] = value.detach().cpu().contiguous()
+                else:
+                    scalars.setdefault(str(index), {})[name] = value
+        tensors[_GENERATOR] = generator.get_state()
+        tensors[_TORCH_RNG] = torch.get_rng_state()
+        header = {
+            "format": _FORMAT,
+            "identity": dict(identity),
+            "epochs_done": epochs_done,
+            "records": [dataclasses.asdict(record) for record in records],
+            "optimizer_scalars": scalars,
+            "param_groups": optimizer_state["param_groups"],
+        }
+        metadata = {"advdefense_training_state": json.dumps(header, sort_keys=True)}
+        self.directory.mkdir(parents=True, exist_ok=True)
+        handle, name = tempfile.mkstemp(dir=self.directory, prefix=f".{STATE_FILE}.")
+        os.close(handle)
+        temporary = Path(name)
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def restore(
+        self,
+        *,
+        identity: Mapping[str, Any],
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        generator: torch.Generator,
+    ) -> ResumedRun:
+        """Load a saved state into the arguments; ``epochs_done`` is 0 when there is none.
+
+        Raises :class:`~advdefense.errors.UserError` when the state belongs to a run with
+        another ``identity``, and :class:`~advdefense.errors.CheckpointError` when the file
+        is unreadable.
+        """
+        if not self.path.is_file():
+            return ResumedRun(0, [])
+        header, tensors = self._read()
+        saved = header.get("identity", {})
+        wanted = json.loads(json.dumps(dict(identity)))
+        if saved != wanted:
+            differing = sorted(
+                key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key)
+            )
+            raise UserError(
+                f"{self.path} is the saved state of another training run (it differs in "
+                f"{', '.join(differing)}); rerun with the settings it was made with to resume "
+                "it, or delete the file to start over"
+            )
+        prefix = len(_MODEL)
+        model.load_state_dict(
+            {key[prefix:]: value for key, value in tensors.items() if key.startswith(_MODEL)}
+        )
+        state: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            if key.startswith(_OPTIMIZER):
+                index, name = key[len(_OPTIMIZER) :].split(".", 1)
+                state.setdefault(int(index), {})[name] = value
+        for index, values in header["optimizer_scalars"].items():
+            state.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        generator.set_state(tensors[_GENERATOR])
+        torch.set_rng_state(tensors[_TORCH_RNG])
+        return ResumedRun(int(header["epochs_done"]), list(header["records"]))
+
+    def remove(self) -> None:
+        """Delete the state file (once the trained model is saved)."""
+        self.path.unlink(missing_ok=True)
+
+    def _read(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        try:
+            with safe_open(str(self.path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            header = json.loads(metadata["advdefense_training_state"])
+        except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as error:
+            raise CheckpointError(
+                f"{self.path} is not a readable training state ({error}); delete it to start "
+                "the training over"
+            ) from None
+        if header.get("format") != _FORMAT:
+            raise CheckpointError(
+                f"{self.path} has training-state format {header.get('format')!r}, this version "
+                f"reads {_FORMAT}; delete it to start the training over"
+            )
+        return header, tensors
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackedRun:
+    """A trainer's run bound to an optional checkpoint: :meth:`restore` once before the first
+    epoch, :meth:`save` after each one. Without a checkpoint both do nothing."""
+
+    checkpoint: EpochCheckpoint | None
+    identity: Mapping[str, Any]
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+
+    def restore(self) -> ResumedRun:
+        """The saved state loaded into the model, optimizer and generator (if any)."""
+        if self.checkpoint is None:
+            return ResumedRun(0, [])
+        return self.checkpoint.restore(
+            identity=self.identity,
+            model=self.model,
+            optimizer=self.optimizer,
+            generator=self.generator,
+        )
+
+    def save(self, records: Sequence[Any]) -> None:
+        """Save the state after ``len(records)`` epochs (one record per epoch)."""
+        if self.checkpoint is not None:
+            self.checkpoint.save(
+                identity=self.identity,
+                epochs_done=len(records),
+                records=records,
+                model=self.model,
+                optimizer=self.optimizer,
+                generator=self.generator,
+            )
