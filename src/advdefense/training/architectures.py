@@ -170,5 +170,6 @@ def _train_pdm_family(
         **asdict(config),
         "arch": options.arch,
         "final_train_accuracy": history.epochs[-1].accuracy,
+        "train_accuracy_per_epoch": [record.accuracy for record in history.epochs],
         "seconds": seconds,  # summed over the epochs, resumed ones included
     }
