@@ -53,7 +53,7 @@ from advdefense.defenses.abs_baselines import load_abs_baseline
 from advdefense.defenses.dim import BiDIM, InternalModelClassifier
 from advdefense.errors import DatasetNotFoundError, UserError
 from advdefense.evaluation.latent import plot_latent_tsne
-from advdefense.evaluation.metrics import wilson_interval
+from advdefense.evaluation.markdown import markdown_table, percent_with_interval
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import RunConfig, RunResult, evaluate_models, load_run
@@ -343,10 +343,7 @@ def render_paper_table(table: str, summaries: dict[str, ModelSummary], n: int) -
     columns = [c for c in paper["columns"] if c in TABLE_COLUMNS[table]]
     with_median = table == "table1"
     header = ["attack"] + [f"{c} {part}" for c in columns for part in ("ours", "paper", "Δ")]
-    lines = [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-    ]
+    rows = []
     for row, values in paper["rows"].items():
         cells = [row]
         for column in columns:
@@ -358,8 +355,8 @@ def render_paper_table(table: str, summaries: dict[str, ModelSummary], n: int) -
                 else f"{accuracy - reference['accuracy']:+.1f}"
             )
             cells += [ours, _paper_cell(reference), difference]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
+        rows.append(cells)
+    lines = [*markdown_table(header, rows), ""]
     lines.append(
         f"Ours: accuracy in percent on the first n = {n} test samples (dim42 suite, Foolbox "
         "3.3.4 defaults); `all-<norm>` rows: median distance / worst-case accuracy over all of "
@@ -414,24 +411,19 @@ def render_true_robustness(setting: Setting) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _interval(robust: int, total: int) -> str:
-    low, high = wilson_interval(robust, total)
-    return f"{100 * robust / total:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
-
-
 def _norm_cell(summary: ModelSummary | None, norm: str) -> str:
     if summary is None or norm not in summary.norms:
         return "not run"
     result = summary.norms[norm]
     robust = sum(not b for b in _broken_within(result.distances, result.threshold))
     partial = "*" if summary.pending else ""
-    return _interval(robust, len(result.distances)) + partial
+    return percent_with_interval(robust, len(result.distances)) + partial
 
 
 def _fixed_cell(summary: FixedSummary | None) -> str:
     if summary is None:
         return "not run"
-    return _interval(sum(b is None for b in summary.broken_by), summary.n)
+    return percent_with_interval(sum(b is None for b in summary.broken_by), summary.n)
 
 
 def _worst_case_cell(
@@ -456,7 +448,8 @@ def _worst_case_cell(
     broken = [any(stage[index] for stage in stages) for index in range(count)]
     missing = paper is None or quick is None or adaptive is None
     partial = any(s is not None and s.pending for s in (paper, quick))
-    return _interval(sum(not b for b in broken), count) + ("*" if missing or partial else "")
+    marker = "*" if missing or partial else ""
+    return percent_with_interval(sum(not b for b in broken), count) + marker
 
 
 def write_tables(setting: Setting) -> None:

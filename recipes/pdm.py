@@ -93,7 +93,7 @@ from advdefense.errors import DatasetNotFoundError, UserError
 from advdefense.evaluation.clustering import davies_bouldin_index
 from advdefense.evaluation.detection import roc_auc
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
-from advdefense.evaluation.metrics import wilson_interval
+from advdefense.evaluation.markdown import markdown_table, percent_with_interval
 from advdefense.evaluation.plotting import new_figure, save_figure
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy, predict
@@ -939,11 +939,6 @@ def _difference(ours: float | None, paper: float | None, digits: int) -> str:
     return f"{ours - paper:+.{digits}f}"
 
 
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
 def _paper_heading(dataset: str) -> str:
     reference = PAPER_DATASET[dataset]
     if dataset in ("mnist", "cifar10"):
@@ -993,7 +988,7 @@ def render_table1(directory: Path, dataset: str) -> str:
         "final train accuracy",
     ]
     lines = [f"# {dataset}: the PDM paper's Table 1 and the DBI of Sec. 3.5", ""]
-    lines += _markdown(header, rows)
+    lines += markdown_table(header, rows)
     lines.append("")
     if "ce" in stats and "pdm" in stats:
         gap = 100 * (stats["pdm"]["accuracy"] - stats["ce"]["accuracy"])
@@ -1071,9 +1066,9 @@ def render_table2(directory: Path, dataset: str) -> str:
                 cells += [_fixed(reference_auc, 3), _difference(auc, reference_auc, 3)]
         rows.append(cells)
     lines = [f"# {dataset}: the PDM paper's Table 2 (gray-box detection AUC)", ""]
-    lines += _markdown(header, rows)
+    lines += markdown_table(header, rows)
     lines += ["", _table2_notes(directory, dataset, runs), "", "## Detection details", ""]
-    lines += _markdown(
+    lines += markdown_table(
         [
             "attack",
             "model",
@@ -1212,7 +1207,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         )
     lines = [f"# {dataset}: the PDM paper's Table 3 (white-box) and our adaptive attacks", ""]
     lines += ["## C&W-wb on classifier + KDE (Appendix C)", ""]
-    lines += _markdown(
+    lines += markdown_table(
         ["model", "attacked", "success %", "rounds", "d", "paper d", "Δ", "AUC after attack"],
         rows,
     )
@@ -1236,7 +1231,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         "## Adaptive attacks (ours): robust accuracy with the KDE reject option at 5% FPR",
         "",
     ]
-    lines += _markdown(
+    lines += markdown_table(
         [
             "model",
             "norm",
@@ -1265,13 +1260,6 @@ def _percent(count: int, total: int) -> str:
     return "—" if total == 0 else f"{100 * count / total:.1f}"
 
 
-def _interval(count: int, total: int) -> str:
-    if total == 0:
-        return "—"
-    low, high = wilson_interval(count, total)
-    return f"{100 * count / total:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
-
-
 def _adaptive_rows(directory: Path) -> list[list[str]]:
     rows = []
     for name in MODELS:
@@ -1295,15 +1283,15 @@ def _adaptive_rows(directory: Path) -> list[list[str]]:
                 epsilon = attack["epsilon"]
                 broken = np.asarray(attack["success"], dtype=bool)
                 robust &= ~broken
-                cells.append(_interval(int((kept & ~broken).sum()), total))
+                cells.append(percent_with_interval(int((kept & ~broken).sum()), total))
             complete = all(f"{kind}-{norm}" in state["attacks"] for kind in ADAPTIVE_ATTACKS)
-            worst = _interval(int(robust.sum()), total) + ("" if complete else "*")
+            worst = percent_with_interval(int(robust.sum()), total) + ("" if complete else "*")
             rows.append(
                 [
                     *cells[:2],
                     _fixed(epsilon, 3),
                     _percent(int(rejected.sum()), total),
-                    _interval(int(kept.sum()), total),
+                    percent_with_interval(int(kept.sum()), total),
                     *cells[2:],
                     worst,
                 ]
@@ -1339,7 +1327,7 @@ def render_table4(directory: Path, dataset: str) -> str:
             ]
         )
     lines = [f"# {dataset}: the PDM paper's Table 4 (black-box detection AUC)", ""]
-    lines += _markdown(
+    lines += markdown_table(
         [
             "model",
             "proxy agreement %",
@@ -1401,7 +1389,7 @@ def render_setup(directory: Path, dataset: str) -> str:
             ]
         )
     lines = [f"# {dataset}: setup of the PDM reproduction", "", "## Training", ""]
-    lines += _markdown(
+    lines += markdown_table(
         [
             "model",
             "architecture",
@@ -1416,7 +1404,7 @@ def render_setup(directory: Path, dataset: str) -> str:
         rows,
     )
     lines += ["", "## Detectors (calibrated at 5% FPR)", ""]
-    lines += _markdown(
+    lines += markdown_table(
         ["detector", "KDE bandwidth", "threshold", "bandwidth images", "calibration images"],
         detectors,
     )

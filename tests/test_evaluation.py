@@ -693,3 +693,17 @@ def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
     # resuming completes it
     _evaluate_bright(tmp_path)
     assert set(load_run(tmp_path).summaries[0].attacks) == {"fgsm", "l2-deepfool"}  # type: ignore[union-attr]
+
+
+def test_markdown_helpers() -> None:
+    from advdefense.evaluation.markdown import markdown_table, percent_with_interval
+
+    assert markdown_table(["a", "b"], [["1", "2"], ["3", "4"]]) == [
+        "| a | b |",
+        "|---|---|",
+        "| 1 | 2 |",
+        "| 3 | 4 |",
+    ]
+    assert percent_with_interval(0, 0) == "—"
+    assert percent_with_interval(0, 200) == "0.0 [0, 2]"  # Wilson: [0, 1.88%]
+    assert percent_with_interval(90, 200) == "45.0 [38, 52]"

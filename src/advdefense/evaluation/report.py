@@ -21,6 +21,7 @@ from advdefense.attacks.norms import NORMS, Norm
 from advdefense.errors import InputError
 from advdefense.evaluation.detection import plot_roc
 from advdefense.evaluation.detection_run import AttackDetection
+from advdefense.evaluation.markdown import markdown_table
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.plotting import new_figure, save_figure
 from advdefense.evaluation.run import RunResult
@@ -310,9 +311,7 @@ def render(runs: Sequence[RunResult], output_format: str) -> str:
 
 
 def _markdown_table(header: list[str], rows: list[Row]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines.extend("| " + " | ".join([label, *cells]) + " |" for label, cells in rows)
-    return lines
+    return markdown_table(header, ([label, *cells] for label, cells in rows))
 
 
 def _html_table(header: list[str], rows: list[Row]) -> str:
