@@ -781,6 +781,7 @@ def _attack_batch(
         threshold=torch.tensor(
             [state["thresholds"][i] for i in chosen], dtype=torch.float64, device=device
         ),
+        progress=setting.progress,
     )
     adversarials = result.adversarials.detach()
     record = {

@@ -17,6 +17,7 @@ from foolbox.criteria import TargetedMisclassification
 from foolbox.models.pytorch import PyTorchModel
 from torch import nn
 
+from advdefense.attacks import detector_aware
 from advdefense.attacks.detector_aware import (
     CarliniWagnerDetectorAttack,
     OrthogonalPGD,
@@ -321,6 +322,36 @@ def test_carlini_wagner_detector_attack_evades_the_detector(toy: ToyFixture) -> 
     )(classifier, detector, images, labels, threshold=strict)
     assert bool(alone.success.all())
     assert bool((detector.score(alone.adversarials) <= strict).all())
+
+
+def test_carlini_wagner_detector_attack_progress_counts_every_step(
+    toy: ToyFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bars: list[Any] = []
+
+    class Recorder:
+        def __init__(self, *, total: int, disable: bool, **_: Any) -> None:
+            self.total, self.disable, self.n = total, disable, 0
+            bars.append(self)
+
+        def update(self, count: int) -> None:
+            self.n += count
+
+        def __enter__(self) -> Recorder:
+            return self
+
+        def __exit__(self, *_: Any) -> None:
+            return None
+
+    monkeypatch.setattr(detector_aware, "tqdm", Recorder)
+    classifier, detector, images, labels = toy
+    attack = CarliniWagnerDetectorAttack(
+        steps=60, binary_search_steps=2, classifier_steps=40, classifier_binary_search_steps=2
+    )
+    attack(classifier, detector, images[:4], labels[:4], progress=True)
+    (bar,) = bars
+    assert not bar.disable and bar.total == 60 * 2 + 40 * 2
+    assert bar.n == bar.total  # steps skipped by an early abort are counted too
 
 
 def test_carlini_wagner_detector_attack_targeted_and_errors(toy: ToyFixture) -> None:

@@ -36,8 +36,8 @@ from advdefense.validation import check_positive_int
 __all__ = ["DEMO_SUITE", "DIM_DEMO_EPOCHS", "DemoOptions", "DemoResult", "run_demo"]
 
 # DIM's internal models train this many epochs, its denoiser half as many, at batch 32: the DIM
-# recipe's mnist-sample schedule (100 / 50) cut to a few minutes on one core: 88.1% on the 1,000
-# test digits (94.4% with the full schedule; 82.9% with 10 / 5), seed 0, measured with
+# recipe's mnist-sample schedule (100 / 50) cut to a few minutes on one core: 87.5% on the 1,000
+# test digits (94.4% with the full schedule; 82.1% with 10 / 5), seed 0, measured with
 # `advdefense train dim --dataset mnist-sample --epochs 20 --denoiser-epochs 10 --batch-size 32`.
 DIM_DEMO_EPOCHS = 20
 

@@ -52,10 +52,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from advdefense.defenses.detector import Detector
 from advdefense.defenses.kde import EmbeddingDetector
@@ -255,12 +256,13 @@ def _carlini_wagner_phase(
     abort_early: bool,
     bounds: tuple[float, float],
     detector_excess: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    bar: tqdm[Any] | None = None,
 ) -> None:
     """One C&W L2 binary search from ``start``, updating ``search`` in place.
 
     ``detector_excess(x)`` gives the class scores and ``relu(score(x) - threshold)`` (float64,
     N), or is None for the plain attack; a success needs the C&W class condition and a zero
-    excess.
+    excess. ``bar`` advances by one per step (by the skipped ones after an early abort).
     """
     count = images.shape[0]
     device = images.device
@@ -303,9 +305,13 @@ def _carlini_wagner_phase(
                     closer = reached & (excess < search.fallback_excess)
                     search.fallback[closer] = candidates.detach()[closer]
                     search.fallback_excess[closer] = excess[closer]
+                if bar is not None:
+                    bar.update(1)
                 if abort_early and step % check_every == 0:
                     current = losses.detach()
                     if bool((current > previous * 0.9999).all()):
+                        if bar is not None:
+                            bar.update(phase.steps - step - 1)
                         break
                     previous = current
             modifier.grad = gradient
@@ -367,20 +373,30 @@ class CarliniWagnerDetectorAttack:
         *,
         targets: torch.Tensor | None = None,
         threshold: float | torch.Tensor | None = None,
+        progress: bool = False,
     ) -> DetectorAttackResult:
         """Attack ``images`` (true ``labels``); untargeted unless ``targets`` are given.
 
         ``threshold`` (a number or one per sample) replaces the detector's calibrated one in
-        both the objective and the success test.
+        both the objective and the success test. ``progress`` shows a bar over both phases'
+        optimization steps (tens of thousands at the defaults).
         """
         _check_inputs(classifier, detector, images, labels, targets, self.bounds)
         thresholds = _resolve_thresholds(detector, threshold, images.shape[0], images.device)
         targeted = targets is not None
         classes = (targets if targets is not None else labels).to(images.device)
         images = images.detach()
-        with evaluation_mode(classifier), evaluation_mode(detector):
+        total = (
+            self.classifier_steps * self.classifier_binary_search_steps
+            + self.steps * self.binary_search_steps
+        )
+        with (
+            evaluation_mode(classifier),
+            evaluation_mode(detector),
+            tqdm(total=total, desc="C&W-wb", unit="step", disable=not progress, leave=False) as bar,
+        ):
             _check_differentiable(detector, images)
-            search = self._run(classifier, detector, images, classes, thresholds, targeted)
+            search = self._run(classifier, detector, images, classes, thresholds, targeted, bar)
         succeeded = _rows(torch.isfinite(search.best_distance), images)
         adversarials = torch.where(succeeded, search.best, search.fallback)
         success = misclassified_and_not_rejected(
@@ -396,6 +412,7 @@ class CarliniWagnerDetectorAttack:
         classes: torch.Tensor,
         thresholds: torch.Tensor,
         targeted: bool,
+        bar: tqdm[Any],
     ) -> _Search:
         count = images.shape[0]
         infinite = torch.full((count,), math.inf, dtype=torch.float64, device=images.device)
@@ -407,7 +424,7 @@ class CarliniWagnerDetectorAttack:
                 self.classifier_learning_rate,
                 self.classifier_initial_const,
             )
-            self._phase(classifier, images, images, classes, first, plain, targeted, None)
+            self._phase(classifier, images, images, classes, first, plain, targeted, None, bar)
         start = plain.best
         with torch.no_grad():
             evades = torch.isfinite(plain.best_distance) & (
@@ -427,7 +444,7 @@ class CarliniWagnerDetectorAttack:
         second = _Phase(
             self.steps, self.binary_search_steps, self.learning_rate, self.initial_const
         )
-        self._phase(classifier, images, start, classes, second, search, targeted, excess)
+        self._phase(classifier, images, start, classes, second, search, targeted, excess, bar)
         return search
 
     def _phase(
@@ -440,6 +457,7 @@ class CarliniWagnerDetectorAttack:
         search: _Search,
         targeted: bool,
         detector_excess: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+        bar: tqdm[Any],
     ) -> None:
         _carlini_wagner_phase(
             classifier,
@@ -453,6 +471,7 @@ class CarliniWagnerDetectorAttack:
             abort_early=self.abort_early,
             bounds=self.bounds,
             detector_excess=detector_excess,
+            bar=bar,
         )
 
 
