@@ -26,8 +26,9 @@ Choices, stated in ``results/dim/README.md``: DIM training follows
 batch 128, Adam 1e-3) on the full datasets and 50/100 epochs at batch 32 on mnist-sample (see
 ``DIM_TRAINING_SMALL``); biDIM shares DIM's weights (the paper binarizes at inference only); on
 MNIST the CNN and biCNN are the published ABS-paper weights, on Fashion-MNIST our CNN trained
-here, binarized at inference for biCNN; Madry adversarial training (PGD L-inf 0.3, 40 x 0.01,
-adversarial examples only) runs last because it is by far the most expensive to train.
+here, binarized at inference for biCNN; Madry adversarial training (PGD L-inf at the dataset's
+L-inf threshold, 0.3 on MNIST and 0.1 on Fashion-MNIST, 40 x 0.01, random start, adversarial
+examples only; resumable epoch by epoch) runs last because it is by far the most expensive.
 Fashion-MNIST thresholds: L-inf 0.1 (the common choice for it), L0 12, L1 8, L2 1.5 (as MNIST).
 """
 
@@ -50,6 +51,7 @@ from advdefense.attacks.norms import Norm
 from advdefense.attacks.suites import get_suite
 from advdefense.data import LabeledImages, load_dataset
 from advdefense.defenses.abs_baselines import load_abs_baseline
+from advdefense.defenses.adversarial_training import PGDConfig
 from advdefense.defenses.dim import BiDIM, InternalModelClassifier
 from advdefense.errors import DatasetNotFoundError, UserError
 from advdefense.evaluation.latent import plot_latent_tsne
@@ -232,6 +234,7 @@ def _model(
             **settings,  # type: ignore[arg-type]
             seed=seed,
             device=device,
+            pgd=PGDConfig(epsilon=THRESHOLDS[dataset]["linf"]),  # madry: the L-inf threshold
             checkpoint=EpochCheckpoint(path),  # cnn and madry resume epoch by epoch
         )
         model, training = train_architecture(name, train.images, train.labels, options)

@@ -116,3 +116,26 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["dim_mnist", "cnn_mnist_sample"])
 def test_recipes_define_reproduce(name: str) -> None:
     assert callable(_recipe(name).reproduce)
+
+
+@pytest.mark.parametrize(("dataset", "epsilon"), [("mnist-sample", 0.3), ("fashion-mnist", 0.1)])
+def test_madry_trains_at_the_datasets_linf_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, epsilon: float
+) -> None:
+    """Madry's PGD uses each dataset's L-inf budget, and its training state is resumable."""
+    recipe = _recipe("dim_mnist")
+    seen: dict[str, Any] = {}
+
+    def fake_training(name: str, images: torch.Tensor, labels: torch.Tensor, options: Any) -> Any:
+        seen.update(name=name, options=options)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), {"epochs": options.epochs}
+
+    monkeypatch.setattr(recipe, "train_architecture", fake_training)
+    monkeypatch.setattr(recipe.advdefense, "save", lambda *args, **kwargs: None)
+    images, labels = _data()
+    data = recipe.LabeledImages(images, labels)
+    recipe._model("madry", dataset, tmp_path, data, data, torch.device("cpu"), 0)
+    options = seen["options"]
+    assert seen["name"] == "madry" and options.pgd.epsilon == epsilon
+    assert (options.pgd.steps, options.pgd.step_size) == (40, 0.01)
+    assert options.checkpoint.directory == tmp_path / "madry"
