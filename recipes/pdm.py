@@ -292,7 +292,7 @@ def reproduce(
         for batches in (*range(1, -(-setting.strong_n // WHITE_BOX_BATCH) + 1), None):
             for name, parts in white_box.items():  # batch by batch across the models
                 with _stage("whitebox", setting, name):
-                    _whitebox(setting, name, parts, first_round_batches=batches)
+                    _whitebox(setting, name, parts, batch_limit=batches)
         for name, parts in defended.items():
             with _stage("graybox-strong", setting, name):
                 _graybox(setting, name, parts, strong=True)
@@ -697,7 +697,7 @@ def _detector_attack(
     attacker: ResNet,
     attacker_kde: KDEDetector,
     defended: Defended,
-    first_round_batches: int | None = None,
+    batch_limit: int | None = None,
 ) -> dict[str, Any]:
     """C&W-wb on ``attacker`` + ``attacker_kde``, judged by ``defended``; cached per batch.
 
@@ -705,9 +705,10 @@ def _detector_attack(
     each towards a random other class (Pang et al. 2018), to be classified so with an attacker
     KDE score at most that of the clean image (``WHITE_BOX_EVASION``): when every adversarial
     scores at most its own clean image, the AUC on them is at most 0.5 (each adversarial ranks
-    below its clean image). Samples that fail are attacked again with a larger
-    constant, for up to ``WHITE_BOX_ROUNDS`` rounds (:func:`white_box_round`). With
-    ``first_round_batches``, stops after that many batches of the first round.
+    below its clean image). Samples that fail are attacked again with a larger constant, for
+    up to ``WHITE_BOX_ROUNDS`` rounds (:func:`white_box_round`), before the next batch starts:
+    a finished batch's results are final, so a partial run reports finished samples only.
+    With ``batch_limit``, stops after that many batches (each with its retries).
     """
     images, labels = setting.test_images(setting.strong_n)
     fingerprint = f"{model_fingerprint(attacker_kde)}/{model_fingerprint(defended.kde)}"
@@ -728,33 +729,42 @@ def _detector_attack(
         }
         _write_json(path, state)
     targets = torch.tensor(state["targets"], dtype=torch.int64)
-    for round_index in range(WHITE_BOX_ROUNDS):
-        if round_index == len(state["rounds"]):
-            final = final_records(state)
-            remaining = [i for i in state["attacked"] if not final.get(i, {}).get("success")]
-            if not remaining:
-                break
-            constant = white_box_round(round_index).initial_const
-            state["rounds"].append({"initial_const": constant, "samples": remaining, "batches": {}})
-        current = state["rounds"][round_index]
-        round_attack = replace(WHITE_BOX_ATTACK, initial_const=current["initial_const"])
-        for start in range(0, len(current["samples"]), WHITE_BOX_BATCH):
+    attacked = state["attacked"]
+    for start in range(0, len(attacked), WHITE_BOX_BATCH):
+        if batch_limit is not None and start >= batch_limit * WHITE_BOX_BATCH:
+            break
+        chosen = attacked[start : start + WHITE_BOX_BATCH]
+        for round_index in range(WHITE_BOX_ROUNDS):
+            current = _white_box_round_state(state, round_index)
             if str(start) in current["batches"]:
                 continue
-            limit = first_round_batches
-            if round_index == 0 and limit is not None and start >= limit * WHITE_BOX_BATCH:
-                return state
-            chosen = current["samples"][start : start + WHITE_BOX_BATCH]
+            final = final_records(state)
+            failing = [i for i in chosen if not final.get(i, {}).get("success")]
+            if not failing:
+                break
+            round_attack = replace(WHITE_BOX_ATTACK, initial_const=current["initial_const"])
             record, adversarials = _attack_batch(
-                setting, round_attack, (attacker, attacker_kde), defended, chosen, targets, state
+                setting, round_attack, (attacker, attacker_kde), defended, failing, targets, state
             )
             folder = path.parent / "adversarials"
             folder.mkdir(parents=True, exist_ok=True)
             record["adversarials"] = f"{path.stem}-r{round_index}-{start}.safetensors"
             save_file({"adversarials": adversarials}, str(folder / record["adversarials"]))
+            current["samples"].extend(i for i in failing if i not in current["samples"])
             current["batches"][str(start)] = record
             _write_json(path, state)
     return state
+
+
+def _white_box_round_state(state: dict[str, Any], round_index: int) -> dict[str, Any]:
+    """Round ``round_index``'s record in a C&W-wb cache, added (with its constant) if new.
+    Its ``batches`` are keyed by the start of the first round's batch they retry."""
+    rounds = state["rounds"]
+    while len(rounds) <= round_index:
+        constant = white_box_round(len(rounds)).initial_const
+        rounds.append({"initial_const": constant, "samples": [], "batches": {}})
+    current: dict[str, Any] = rounds[round_index]
+    return current
 
 
 def _attack_batch(
@@ -813,13 +823,11 @@ def final_records(state: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
 
 
 def _whitebox(
-    setting: Setting, name: str, defended: Defended, first_round_batches: int | None = None
+    setting: Setting, name: str, defended: Defended, batch_limit: int | None = None
 ) -> None:
     """Table 3: C&W-wb on the defended classifier and its own KDE."""
     path = setting.run_dir("whitebox") / f"{name}.json"
-    _detector_attack(
-        setting, path, defended.classifier, defended.kde, defended, first_round_batches
-    )
+    _detector_attack(setting, path, defended.classifier, defended.kde, defended, batch_limit)
 
 
 def _blackbox(setting: Setting, name: str, defended: Defended) -> None:

@@ -204,16 +204,29 @@ def test_recipe_runs_every_stage_then_resumes(
     _tiny(recipe, monkeypatch)
     models = ("ce", "pdm")
     attacked: list[int] = []  # the defended model of each C&W-wb batch, in order
+    chosen: list[tuple[int, list[int]]] = []  # (attacker, samples) of each C&W-wb batch
     attack_batch = recipe._attack_batch
 
     def recorded(*args: Any) -> Any:
         attacked.append(id(args[3]))
+        chosen.append((id(args[2][0]), list(args[4])))  # per attacking model
         return attack_batch(*args)
 
     monkeypatch.setattr(recipe, "_attack_batch", recorded)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
-    assert len(attacked) >= 4 and attacked[0] != attacked[1]  # white-box batches alternate
+    # white-box batches alternate between the models, each batch with its retry rounds
+    switch = next(k for k, model in enumerate(attacked) if model != attacked[0])
+    assert len(attacked) >= 4 and 1 <= switch <= recipe.WHITE_BOX_ROUNDS
+    for attacker in {attacker for attacker, _ in chosen}:  # retries follow their batch
+        seen: set[int] = set()
+        origin: set[int] = set()
+        for samples in (samples for who, samples in chosen if who == attacker):
+            if seen.isdisjoint(samples):
+                origin = set(samples)
+            else:
+                assert set(samples) <= origin, "a retry came after the next batch"
+            seen.update(samples)
     directory = tmp_path / "pdm" / DATASET
     for name in models:
         assert (directory / "models" / name / "config.json").is_file()
@@ -259,6 +272,16 @@ def test_recipe_runs_every_stage_then_resumes(
     assert sum(len(batch["indices"]) for batch in first["batches"].values()) == len(
         first["samples"]
     )
+    first_batches = {start: batch["indices"] for start, batch in first["batches"].items()}
+    for later in whitebox["rounds"][1:]:  # each retry: the failures of one first-round batch
+        for start, batch in later["batches"].items():
+            assert set(batch["indices"]) <= set(first_batches[start])
+    finals = recipe.final_records(whitebox)
+    for indices in first_batches.values():  # a failure was retried in every round
+        retried = [i for i in indices if not finals[i]["success"]]
+        if retried:
+            assert len(whitebox["rounds"]) == recipe.WHITE_BOX_ROUNDS
+            assert all(finals[i]["round"] == recipe.WHITE_BOX_ROUNDS - 1 for i in retried)
     files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
     assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
     table4 = (directory / "table4.md").read_text()
