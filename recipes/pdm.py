@@ -471,12 +471,37 @@ def _calibrate_and_save(
 # ---- stage 1: Table 1 ----
 
 
+_TRAINING_FIELDS = (
+    "arch",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "momentum",
+    "weight_decay",
+    "lr_milestones",
+    "variance_weight",
+    "siamese_weight",
+    "final_train_accuracy",
+    "train_accuracy_per_epoch",
+    "train_samples",
+    "seconds",
+)
+
+
+def _training_record(setting: Setting, name: str) -> dict[str, Any]:
+    """The saved model's training hyperparameters and curve, as Table 1's record keeps them."""
+    training = load_config(setting.models_dir / name).get("training", {})
+    return {key: training[key] for key in _TRAINING_FIELDS if key in training}
+
+
 def _table1_stats(setting: Setting, name: str, classifier: ResNet) -> None:
     """Clean accuracy, DBI of the test embeddings and a t-SNE of the first 1,000 (cached)."""
     path = setting.run_dir("table1") / f"{name}.json"
     fingerprint = model_fingerprint(classifier)
     cached = _read_json(path)
     if cached.get("fingerprint") == fingerprint:
+        if cached.get("training") != _training_record(setting, name):  # fields added since
+            _write_json(path, {**cached, "training": _training_record(setting, name)})
         if not (setting.directory / TSNE_FIGURE).is_file():
             plot_tsne(setting.directory)
         return
@@ -484,8 +509,6 @@ def _table1_stats(setting: Setting, name: str, classifier: ResNet) -> None:
     embeddings, predictions = compute_embeddings(classifier, test.images)
     shown = min(TSNE_POINTS, int(embeddings.shape[0]))
     layout = tsne(embeddings[:shown], seed=setting.seed)
-    saved = load_config(setting.models_dir / name)
-    training = saved.get("training", {})
     _write_json(
         path,
         {
@@ -495,24 +518,7 @@ def _table1_stats(setting: Setting, name: str, classifier: ResNet) -> None:
             "dbi": davies_bouldin_index(embeddings, test.labels),
             "tsne": [[round(float(x), 4), round(float(y), 4)] for x, y in layout.tolist()],
             "tsne_labels": test.labels[:shown].tolist(),
-            "training": {
-                key: training[key]
-                for key in (
-                    "arch",
-                    "epochs",
-                    "batch_size",
-                    "learning_rate",
-                    "momentum",
-                    "weight_decay",
-                    "lr_milestones",
-                    "variance_weight",
-                    "siamese_weight",
-                    "final_train_accuracy",
-                    "train_samples",
-                    "seconds",
-                )
-                if key in training
-            },
+            "training": _training_record(setting, name),
         },
     )
     plot_tsne(setting.directory)
