@@ -194,13 +194,21 @@ class EpochCheckpoint:
 @dataclasses.dataclass(frozen=True)
 class TrackedRun:
     """A trainer's run bound to an optional checkpoint: :meth:`restore` once before the first
-    epoch, :meth:`save` after each one. Without a checkpoint both do nothing."""
+    epoch, :meth:`save` after each one. Without a checkpoint both do nothing. The identity
+    gets the digest of ``data`` (the training tensors) under ``"data"``, computed once and
+    only when there is a checkpoint."""
 
     checkpoint: EpochCheckpoint | None
     identity: Mapping[str, Any]
+    data: tuple[torch.Tensor, ...]
     model: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
+
+    def __post_init__(self) -> None:
+        if self.checkpoint is not None:
+            identity = {**self.identity, "data": data_digest(*self.data)}
+            object.__setattr__(self, "identity", identity)
 
     def restore(self) -> ResumedRun:
         """The saved state loaded into the model, optimizer and generator (if any)."""

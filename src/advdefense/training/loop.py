@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from advdefense.devices import seed_everything
 from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
-from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun, data_digest
+from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = [
@@ -119,10 +119,9 @@ def train_classifier(
             if is_dataclass(model_config) and not isinstance(model_config, type)
             else None
         ),
-        "data": data_digest(images, labels),
         **dict(run_identity or {}),
     }
-    run = TrackedRun(checkpoint, identity, model, optimizer, generator)
+    run = TrackedRun(checkpoint, identity, (images, labels), model, optimizer, generator)
     resumed = run.restore()
     history = TrainingHistory(resumed.records_as(EpochRecord))
     count = images.shape[0]

@@ -59,7 +59,7 @@ from advdefense.defenses.losses import (
 from advdefense.devices import seed_everything
 from advdefense.errors import InputError, UserError
 from advdefense.nn.resnet import ResNet, resnet_config
-from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun, data_digest
+from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun
 from advdefense.training.loop import EpochRecord, TrainingHistory
 from advdefense.validation import (
     check_images,
@@ -281,9 +281,8 @@ def train_pdm(
         "trainer": "pdm",
         "config": asdict(config),
         "model": asdict(model.config),
-        "data": data_digest(images, labels),
     }
-    run = TrackedRun(checkpoint, identity, model, optimizer, generator)
+    run = TrackedRun(checkpoint, identity, (images, labels), model, optimizer, generator)
     resumed = run.restore()
     pool_labels = labels.cpu()
     history = TrainingHistory()
