@@ -1210,7 +1210,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         flag = " (> 0.5: detection not breached)" if summary.auc > 0.5 else ""
         rows.append(
             [
-                name,
+                _model_cell(directory, name, state),
                 _progress(summary),
                 _percent(summary.successes, summary.done),
                 str(summary.rounds),
@@ -1242,10 +1242,12 @@ def render_table3(directory: Path, dataset: str) -> str:
         "values) over the successes (the paper's Table 3 scale). AUC after attack: KDE AUC on "
         "the attacked samples whose adversarial is misclassified; at most about 0.5 means "
         f"the attack breaches detection. {_paper_heading(dataset)}.",
+        *_stale_note(rows),
         "",
         "## Adaptive attacks (ours): robust accuracy with the KDE reject option at 5% FPR",
         "",
     ]
+    adaptive_rows = _adaptive_rows(directory)
     lines += markdown_table(
         [
             "model",
@@ -1257,7 +1259,7 @@ def render_table3(directory: Path, dataset: str) -> str:
             "Selective PGD",
             "worst case",
         ],
-        _adaptive_rows(directory),
+        adaptive_rows,
     )
     lines += [
         "",
@@ -1267,12 +1269,38 @@ def render_table3(directory: Path, dataset: str) -> str:
         "calibrated at 5% FPR on held-out clean data). Orthogonal PGD and Selective PGD "
         f"(Bryniarski et al. 2022), {ADAPTIVE_STEPS} steps, step size ε / 8, margin loss; "
         "worst case: robust against both. The gray-box numbers of Table 2 do not bound this.",
+        *_stale_note(adaptive_rows),
     ]
     return "\n".join(lines) + "\n"
 
 
 def _percent(count: int, total: int) -> str:
     return "—" if total == 0 else f"{100 * count / total:.1f}"
+
+
+STALE_NOTE = (
+    "(stale): computed on earlier weights of that model (it was retrained since); the next "
+    "`advdefense reproduce pdm` run of the model recomputes the row."
+)
+
+
+def _is_stale(directory: Path, name: str, state: Mapping[str, Any]) -> bool:
+    """Whether the cached attack ``state`` was computed on other weights than the saved model
+    ``name``'s KDE detector guards (e.g. before a retraining); the recipe redoes such a cache
+    on its next run (its fingerprint differs), the tables mark it until then."""
+    path = directory / "models" / f"{name}-kde"
+    if "fingerprint" not in state or not (path / "config.json").is_file():
+        return False
+    defended = str(state["fingerprint"]).split("/")[-1]  # C&W caches: "attacker/defended"
+    return defended != model_fingerprint(advdefense.load(path))
+
+
+def _model_cell(directory: Path, name: str, state: Mapping[str, Any]) -> str:
+    return f"{name} (stale)" if _is_stale(directory, name, state) else name
+
+
+def _stale_note(rows: Sequence[Sequence[str]]) -> list[str]:
+    return ["", STALE_NOTE] if any(row[0].endswith("(stale)") for row in rows) else []
 
 
 def _adaptive_rows(directory: Path) -> list[list[str]]:
@@ -1286,8 +1314,9 @@ def _adaptive_rows(directory: Path) -> list[list[str]]:
         kept = correct & ~rejected
         total = int(kept.size)
         norms = dict.fromkeys(attack["norm"] for attack in state["attacks"].values())
+        model_cell = _model_cell(directory, name, state)
         for norm in norms:
-            cells = [name, norm]
+            cells = [model_cell, norm]
             robust = kept.copy()
             epsilon = math.nan
             for kind in ADAPTIVE_ATTACKS:
@@ -1330,7 +1359,7 @@ def render_table4(directory: Path, dataset: str) -> str:
         agreement = proxy.get("test_agreement")
         rows.append(
             [
-                name,
+                _model_cell(directory, name, state),
                 _fixed(100 * agreement if agreement is not None else None, 1),
                 _progress(summary),
                 _percent(summary.successes, summary.done),
@@ -1368,6 +1397,7 @@ def render_table4(directory: Path, dataset: str) -> str:
         "adversarial fools the defended classifier (these are the AUC's pairs). AUC: the "
         "defended model's KDE on those pairs. attacked: correctly classified among the first "
         f"min(n, 200) test samples. {_paper_heading(dataset)}.",
+        *_stale_note(rows),
     ]
     return "\n".join(lines) + "\n"
 

@@ -305,6 +305,22 @@ def test_recipe_runs_every_stage_then_resumes(
     for run, text in records.items():
         assert (directory / "runs" / run / "records.jsonl").read_text() == text
     assert (directory / "table3.md").read_text() == table3
+    assert "(stale)" not in table3 + table4
+
+    # a cache computed on earlier weights (a retraining since) is marked in the tables
+    for run in ("adaptive", "whitebox", "blackbox"):
+        path = directory / "runs" / run / "ce.json"
+        state = json.loads(path.read_text())
+        state["fingerprint"] = "0" * 64 if run == "adaptive" else f"{'1' * 64}/{'0' * 64}"
+        path.write_text(json.dumps(state))
+    recipe.write_tables(directory, DATASET)
+    table3 = (directory / "table3.md").read_text()
+    assert _row(table3, "| ce (stale) |")[1] != "not run"
+    assert _row(table3, "| ce (stale) | linf |")[2] == "0.300"
+    assert _row(table3, "| pdm | linf |")[2] == "0.300"
+    assert table3.count(recipe.STALE_NOTE) == 2
+    table4 = (directory / "table4.md").read_text()
+    assert _row(table4, "| ce (stale) |") and recipe.STALE_NOTE in table4
 
 
 def test_recipe_rejects_unknown_names(tmp_path: Path) -> None:
