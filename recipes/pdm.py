@@ -1230,7 +1230,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         "",
         f"Carlini & Wagner's attack on KDE (2017) as in Pang et al. (2018): phase 1 plain C&W "
         f"L2 ({attack['classifier_steps']} steps x {attack['classifier_binary_search_steps']} "
-        f"binary-search steps), phase 2 with the KDE term ({attack['steps']} x "
+        f"binary-search steps), phase 2 with the KDE term of the target class ({attack['steps']} x "
         f"{attack['binary_search_steps']}, initial constant {attack['initial_const']:g}), "
         f"confidence {attack['confidence']:g}, towards a random target class; success = the "
         "target is reached and the KDE score is at most that of the clean image (so that "

@@ -6,6 +6,7 @@ import copy
 import math
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from scipy.stats import multivariate_normal
 
 import advdefense
 import advdefense.nn.resnet  # registers "resnet" (until the registry imports it)
+from advdefense.attacks import detector_aware
 from advdefense.attacks.detector_aware import (
     CarliniWagnerDetectorAttack,
     OrthogonalPGD,
@@ -378,6 +380,46 @@ def test_attack_steps_share_one_forward_pass(
     one = orthogonal(classifier, kde, images, labels, 1.0, threshold=threshold)
     two = orthogonal(twin, kde, images, labels, 1.0, threshold=threshold)
     assert torch.equal(one.adversarials, two.adversarials)
+
+
+def test_kde_scores_under_given_classes_and_the_attack_scores_its_target(
+    kde: KDEDetector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Carlini & Wagner's KDE_t: a score under the target class whatever the prediction (the
+    detector's own score stays the predicted class's), used by the targeted C&W-wb."""
+    images = _clustered_images(6, seed=8)[0]
+    classifier = kde.classifier
+    with torch.no_grad():
+        predicted = classifier(images).argmax(1)
+        embedding = classifier.embed(images)
+    others = (predicted + 1) % 3
+    _, own = class_scores_and_score(classifier, kde, images)
+    _, under = class_scores_and_score(classifier, kde, images, others)
+    _, twin_under = class_scores_and_score(copy.deepcopy(classifier), kde, images, others)
+    assert torch.equal(own, kde.score(images))
+    assert torch.allclose(under, -kde.log_density(embedding, others))
+    assert torch.equal(under, twin_under) and not torch.allclose(under, own)
+
+    scored: list[torch.Tensor] = []  # the classes of every scoring under given classes
+    original = detector_aware.class_scores_and_score
+
+    def spy(*args: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(args) > 3 and args[3] is not None:
+            scored.append(args[3])
+        return original(*args)
+
+    monkeypatch.setattr(detector_aware, "class_scores_and_score", spy)
+    threshold = float(kde.score(images).median())
+    attack = CarliniWagnerDetectorAttack(steps=2, binary_search_steps=1, classifier_steps=0)
+    attack(classifier, kde, images, predicted, targets=others, threshold=threshold)
+    assert scored and all(torch.equal(classes, others) for classes in scored)
+    scored.clear()
+    own_score = replace(attack, detector_class="predicted")
+    own_score(classifier, kde, images, predicted, targets=others, threshold=threshold)
+    attack(classifier, kde, images, predicted, threshold=threshold)  # untargeted: no target
+    assert not scored
+    with pytest.raises(InputError, match="detector_class"):
+        CarliniWagnerDetectorAttack(detector_class="label")  # type: ignore[arg-type]
 
 
 def test_kde_threshold_hits_the_requested_rate(kde: KDEDetector) -> None:

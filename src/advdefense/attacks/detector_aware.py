@@ -14,8 +14,9 @@ binary search over ``c`` (x10 until a success, then bisection), minimizing
     ||x' - x||_2^2 + c * (f(x') + relu(score(x') - threshold)),
 
 ``f`` the margin loss ``max(Z_y - max_{j != y} Z_j + kappa, 0)`` (untargeted; targeted:
-``max(max_{j != t} Z_j - Z_t + kappa, 0)``) and ``score = -log KDE`` of the predicted class for
-the KDE detector. In two phases, as in Carlini & Wagner's code for the KDE attack and Pang et
+``max(max_{j != t} Z_j - Z_t + kappa, 0)``) and ``score = -log KDE`` for the KDE detector: of
+the target class in a targeted attack (Carlini & Wagner's ``KDE_t``), else of the predicted
+class. In two phases, as in Carlini & Wagner's code for the KDE attack and Pang et
 al.'s C&W-wb: phase 1 is the plain C&W L2 attack (no detector term), phase 2 starts Adam from
 the phase-1 adversarial (the original image where phase 1 failed) with the detector term. The
 distance is always to the original image (Pang et al.'s phase 2 measures it to the phase-1
@@ -72,6 +73,7 @@ __all__ = [
 ]
 
 ClassificationLoss = Literal["margin", "cross-entropy"]
+DetectorClass = Literal["target", "predicted"]
 
 _TINY = 1e-20
 _TANH_SHRINK = 0.999999  # keeps arctanh finite at the bounds, as in Carlini & Wagner's code
@@ -155,13 +157,22 @@ def _class_scores(classifier: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 
 def class_scores_and_score(
-    classifier: nn.Module, detector: Detector, images: torch.Tensor
+    classifier: nn.Module,
+    detector: Detector,
+    images: torch.Tensor,
+    classes: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier's scores and the detector's score of ``images``, both differentiable;
     from one forward pass when the detector scores this very classifier's embedding (about
-    half the cost of a detector-aware attack step), else from two."""
-    if isinstance(detector, EmbeddingDetector) and detector.classifier is classifier:
-        return detector.class_scores_and_score(images)
+    half the cost of a detector-aware attack step), else from two. ``classes``: a
+    class-conditional detector (an :class:`EmbeddingDetector`) scores under these classes
+    instead of the predicted ones; other detectors score as always."""
+    if isinstance(detector, EmbeddingDetector):
+        if detector.classifier is classifier:
+            return detector.class_scores_and_score(images, classes)
+        return _class_scores(classifier, images), detector.class_scores_and_score(images, classes)[
+            1
+        ]
     return _class_scores(classifier, images), detector.score(images)
 
 
@@ -329,6 +340,13 @@ class CarliniWagnerDetectorAttack:
     ``steps`` / ``binary_search_steps`` / ``learning_rate`` / ``initial_const`` are phase 2's
     (with the detector term), the ``classifier_*`` ones phase 1's (plain C&W L2); set
     ``classifier_steps=0`` to skip phase 1. ``confidence`` is kappa, for both phases.
+    ``detector_class``: under which class a class-conditional detector (KDE) scores in the
+    targeted objective. "target" is Carlini & Wagner's ``-log KDE_t(x')``: the term stays the
+    target's wherever the iterate is classified. "predicted" scores under the current
+    prediction, which is the detector's own score. Its term jumps down wherever the iterate
+    falls back to its own class, so phase 2 can settle there, fooling nobody. This is how it
+    failed on our ResNets. The success test always uses the detector's own score, which is
+    the target's once the target is reached.
     """
 
     steps: int = 10_000
@@ -342,10 +360,15 @@ class CarliniWagnerDetectorAttack:
     confidence: float = 0.0
     abort_early: bool = True
     bounds: tuple[float, float] = (0.0, 1.0)
+    detector_class: DetectorClass = "target"
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "steps")
         check_positive_int(self.binary_search_steps, "binary_search_steps")
+        if self.detector_class not in ("target", "predicted"):
+            raise InputError(
+                f"detector_class must be 'target' or 'predicted', got {self.detector_class!r}"
+            )
         check_positive_int(self.classifier_binary_search_steps, "classifier_binary_search_steps")
         if isinstance(self.classifier_steps, bool) or not (
             isinstance(self.classifier_steps, int) and self.classifier_steps >= 0
@@ -437,8 +460,10 @@ class CarliniWagnerDetectorAttack:
             infinite.clone(),
         )
 
+        scored = classes if targeted and self.detector_class == "target" else None
+
         def excess(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            scores, score = class_scores_and_score(classifier, detector, candidates)
+            scores, score = class_scores_and_score(classifier, detector, candidates, scored)
             return scores, (score.to(torch.float64) - thresholds).clamp_min(0.0)
 
         second = _Phase(

@@ -259,13 +259,17 @@ class EmbeddingDetector(Detector):
     ) -> torch.Tensor:
         """The score (float64, N) of images with this embedding and predicted class."""
 
-    def class_scores_and_score(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def class_scores_and_score(
+        self, images: torch.Tensor, classes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The classifier's class scores and this detector's score from one forward pass, both
-        differentiable: what a detector-aware attack needs at every step."""
+        differentiable: what a detector-aware attack needs at every step. The score is under
+        the predicted class, or under ``classes`` when given (the score the image would have
+        if it were classified so: Carlini & Wagner 2017's KDE of the attack's target)."""
         embedding = _interface(self.classifier).embed(images)
         class_scores = _interface(self.classifier).scores_from_embedding(embedding)
-        predicted = class_scores.detach().argmax(dim=1)
-        return class_scores, self.score_from_embedding(embedding, predicted)
+        scored = class_scores.detach().argmax(dim=1) if classes is None else classes
+        return class_scores, self.score_from_embedding(embedding, scored)
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
         return self.class_scores_and_score(images)[1]
