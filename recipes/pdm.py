@@ -24,10 +24,12 @@ the expensive stages follow model by model (every stage resumable, tables rewrit
 5. ``whitebox``: Table 3, the C&W-wb attack on classifier + KDE (Appendix C: 5,000 / 10,000
    steps, 3 / 3 binary-search steps) on the correctly classified among the first
    ``min(n, 200)`` samples, following Pang et al. (2018), whose protocol the paper adopts: a
-   random target class per sample and a detection threshold to evade, here each sample's own
-   clean KDE score (``WHITE_BOX_EVASION``: an adversarial must look at least as normal as the
-   image it came from, so the AUC after the attack is at most 0.5 once every sample succeeds,
-   the paper's "detection fully breached"); samples that fail are attacked again with a larger
+   random target class per sample and a detection threshold to evade, here the median clean
+   KDE score of the attacked samples (``WHITE_BOX_EVASION``: an adversarial must look at least
+   as normal as a typical clean image, so the AUC after the attack is at most 0.5 once every
+   sample succeeds, the paper's "detection fully breached"; each sample's own clean score
+   would be infeasible where the target class's KDE never gets that dense, as PDM's tight
+   clusters show); samples that fail are attacked again with a larger
    constant (``WHITE_BOX_ROUNDS``), "until every example fools the classifier and evades
    detection". Reported: ``d = mean ||x - x_adv||_2 / sqrt(number of input values)`` over the
    successes, and the AUC. ``WHITE_BOX_BATCH`` samples at a time, taking the models in turn
@@ -155,7 +157,7 @@ ATTACK_BATCH = 100
 WHITE_BOX_BATCH = 10
 WHITE_BOX_ATTACK = CarliniWagnerDetectorAttack()  # Appendix C's C&W-wb (class defaults)
 WHITE_BOX_ROUNDS = 3  # phase 2's constant reaches 1e8 on samples that keep failing
-WHITE_BOX_EVASION = "own-clean-score"  # each adversarial's KDE threshold: see _detector_attack
+WHITE_BOX_EVASION = "clean-median"  # the adversarials' KDE threshold: see _detector_attack
 _STATE_KEY = ("fingerprint", "n", "attack", "evasion")
 
 
@@ -709,9 +711,13 @@ def _detector_attack(
 
     Attacks the samples the defended classifier gets right among the first ``min(n, 200)``,
     each towards a random other class (Pang et al. 2018), to be classified so with an attacker
-    KDE score at most that of the clean image (``WHITE_BOX_EVASION``): when every adversarial
-    scores at most its own clean image, the AUC on them is at most 0.5 (each adversarial ranks
-    below its clean image). Samples that fail are attacked again with a larger constant, for
+    KDE score at most the median of the attacker KDE's scores of the attacked clean images
+    (``WHITE_BOX_EVASION``; torch's median, the lower middle value): when every adversarial
+    scores at most that, each ranks below at least half of the clean images, so the AUC on
+    them is at most 0.5. A sample's own clean score would guarantee that too, but is
+    infeasible where the target class's KDE never gets as dense as the sample's own class (on
+    mnist-sample, PDM's tight clusters make some classes' densest points score above other
+    classes' clean digits). Samples that fail are attacked again with a larger constant, for
     up to ``WHITE_BOX_ROUNDS`` rounds (:func:`white_box_round`), before the next batch starts:
     a finished batch's results are final, so a partial run reports finished samples only.
     With ``batch_limit``, stops after that many batches (each with its retries).
@@ -725,12 +731,13 @@ def _detector_attack(
         correct = predict(defended.classifier, images) == labels
         generator = torch.Generator().manual_seed(setting.seed)
         targets = random_targets(labels, defended.classifier.config.num_classes, generator)
+        median = float(detector_scores(attacker_kde, images[correct]).median())
         state = {
             **dict(zip(_STATE_KEY, key, strict=True)),
             "input_values": math.prod(images.shape[1:]),
             "attacked": [index for index, ok in enumerate(correct.tolist()) if ok],
             "targets": targets.tolist(),
-            "thresholds": detector_scores(attacker_kde, images).tolist(),
+            "thresholds": [median] * len(images),
             "rounds": [],
         }
         _write_json(path, state)
@@ -1233,7 +1240,8 @@ def render_table3(directory: Path, dataset: str) -> str:
         f"binary-search steps), phase 2 with the KDE term of the target class ({attack['steps']} x "
         f"{attack['binary_search_steps']}, initial constant {attack['initial_const']:g}), "
         f"confidence {attack['confidence']:g}, towards a random target class; success = the "
-        "target is reached and the KDE score is at most that of the clean image (so that "
+        "target is reached and the KDE score is at most the median score of the attacked "
+        "clean images (so that "
         "once all succeed the AUC is at most 0.5). Samples that fail are attacked again, "
         "phase 2's constant starting "
         f"where the last binary search ended (x1,000 per round, at most {WHITE_BOX_ROUNDS} "
@@ -1392,8 +1400,8 @@ def render_table4(directory: Path, dataset: str) -> str:
         "agreement: fraction of test images on which proxy and defended model predict alike. "
         "The attacker runs C&W-wb (as in Table 3) on the proxy and a KDE detector fitted on "
         "the proxy's embedding (support and bandwidth from the training data, which the "
-        "black-box attacker has, App. D), towards a random target, at most the proxy KDE's "
-        "score of the clean image. transferred: the "
+        "black-box attacker has, App. D), towards a random target, at most the median proxy "
+        "KDE score of the attacked clean images. transferred: the "
         "adversarial fools the defended classifier (these are the AUC's pairs). AUC: the "
         "defended model's KDE on those pairs. attacked: correctly classified among the first "
         f"min(n, 200) test samples. {_paper_heading(dataset)}.",
