@@ -170,9 +170,8 @@ def class_scores_and_score(
     if isinstance(detector, EmbeddingDetector):
         if detector.classifier is classifier:
             return detector.class_scores_and_score(images, classes)
-        return _class_scores(classifier, images), detector.class_scores_and_score(images, classes)[
-            1
-        ]
+        _, score = detector.class_scores_and_score(images, classes)
+        return _class_scores(classifier, images), score
     return _class_scores(classifier, images), detector.score(images)
 
 
