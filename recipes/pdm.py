@@ -741,6 +741,9 @@ def _detector_attack(
             "rounds": [],
         }
         _write_json(path, state)
+    if "clean_scores" not in state:  # the AUC's normal group (added to older caches)
+        state["clean_scores"] = detector_scores(defended.kde, images).tolist()
+        _write_json(path, state)
     targets = torch.tensor(state["targets"], dtype=torch.int64)
     attacked = state["attacked"]
     for start in range(0, len(attacked), WHITE_BOX_BATCH):
@@ -1169,12 +1172,16 @@ class DetectorAttackSummary(NamedTuple):
     successes: int
     pairs: int  # adversarial misclassified by the defended model
     distortion: float  # mean L2 / sqrt(input values) over the successes
-    auc: float  # of the defended KDE on the pairs; nan without pairs
+    auc: float  # of the defended KDE, the pairs' adversarials vs the clean; nan without pairs
     rounds: int
 
 
 def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary:
-    """Success, the paper's distortion ``d`` and the AUC from a white-/black-box cache."""
+    """Success, the paper's distortion ``d`` and the AUC from a white-/black-box cache.
+
+    The AUC's normal group is every attacked clean image (the cache's ``clean_scores``), so
+    that a partial run's AUC estimates the final one: the evasion threshold is the median
+    over all of them, not over the finished batches. Caches without it use the pairs'."""
     records = list(final_records(state).values())
     success = np.asarray([r["success"] for r in records], dtype=bool)
     distances = np.asarray([r["distances"] for r in records], dtype=np.float64)
@@ -1183,7 +1190,13 @@ def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary
     adversarial = np.asarray([r["adversarial_score"] for r in records], dtype=np.float64)
     scale = math.sqrt(float(state.get("input_values", 1)))
     distortion = float(np.mean(distances[success]) / scale) if success.any() else math.nan
-    auc = roc_auc(clean[fooled], adversarial[fooled]) if fooled.any() else math.nan
+    attacked = state.get("attacked", [])
+    normal = (
+        np.asarray(state["clean_scores"], dtype=np.float64)[attacked]
+        if "clean_scores" in state
+        else clean[fooled]
+    )
+    auc = roc_auc(normal, adversarial[fooled]) if fooled.any() else math.nan
     return DetectorAttackSummary(
         len(state.get("attacked", [])),
         len(records),
@@ -1247,9 +1260,9 @@ def render_table3(directory: Path, dataset: str) -> str:
         f"where the last binary search ended (x1,000 per round, at most {WHITE_BOX_ROUNDS} "
         "rounds). attacked: correctly classified among the first min(n, 200) test samples. "
         "d = mean ||x - x_adv||_2 / sqrt(number of input "
-        "values) over the successes (the paper's Table 3 scale). AUC after attack: KDE AUC on "
-        "the attacked samples whose adversarial is misclassified; at most about 0.5 means "
-        f"the attack breaches detection. {_paper_heading(dataset)}.",
+        "values) over the successes (the paper's Table 3 scale). AUC after attack: KDE AUC of "
+        "the misclassified adversarials against all attacked clean images; at most about 0.5 "
+        f"means the attack breaches detection. {_paper_heading(dataset)}.",
         *_stale_note(rows),
         "",
         "## Adaptive attacks (ours): robust accuracy with the KDE reject option at 5% FPR",
@@ -1402,9 +1415,9 @@ def render_table4(directory: Path, dataset: str) -> str:
         "the proxy's embedding (support and bandwidth from the training data, which the "
         "black-box attacker has, App. D), towards a random target, at most the median proxy "
         "KDE score of the attacked clean images. transferred: the "
-        "adversarial fools the defended classifier (these are the AUC's pairs). AUC: the "
-        "defended model's KDE on those pairs. attacked: correctly classified among the first "
-        f"min(n, 200) test samples. {_paper_heading(dataset)}.",
+        "adversarial fools the defended classifier. AUC: the defended model's KDE, these "
+        "adversarials against all attacked clean images. attacked: correctly classified "
+        f"among the first min(n, 200) test samples. {_paper_heading(dataset)}.",
         *_stale_note(rows),
     ]
     return "\n".join(lines) + "\n"

@@ -127,6 +127,13 @@ def test_detector_attack_summary_by_hand() -> None:
     first_only = recipe.summarize_detector_attack({**state, "rounds": [first_round]})
     assert (first_only.successes, first_only.pairs) == (2, 2)
     assert first_only.distortion == pytest.approx(1.5)
+    # with every test image's clean score kept, the normal group is all attacked ones (a
+    # partial run estimates the final AUC): fooled adversarials 0.5 and 2.5 vs 1.0, 2.0, 1.5
+    # and 3.0 (sample 3 not done yet; sample 4 not attacked): 0 + 3 of 8 pairs
+    partial = {**state, "attacked": [0, 1, 2, 3], "rounds": [first_round]}
+    partial["clean_scores"] = [1.0, 2.0, 1.5, 3.0, 100.0]
+    summary = recipe.summarize_detector_attack(partial)
+    assert summary.auc == pytest.approx(3 / 8) and (summary.done, summary.pairs) == (3, 2)
     empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
     assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
     constants = [recipe.white_box_round(k).initial_const for k in range(3)]
@@ -264,6 +271,7 @@ def test_recipe_runs_every_stage_then_resumes(
     first = whitebox["rounds"][0]
     assert first["samples"] == whitebox["attacked"]
     assert whitebox["evasion"] == "clean-median" and len(whitebox["thresholds"]) == 6
+    assert len(whitebox["clean_scores"]) == 6
     clean = [score for batch in first["batches"].values() for score in batch["clean_scores"]]
     (threshold,) = set(whitebox["thresholds"])  # the attacked clean images' (lower) median
     assert threshold == pytest.approx(sorted(clean)[(len(clean) - 1) // 2], rel=1e-9)
@@ -296,6 +304,8 @@ def test_recipe_runs_every_stage_then_resumes(
         run: (directory / "runs" / run / "records.jsonl").read_text()
         for run in ("graybox-linf-0.05", "graybox-cw", "graybox-strong")
     }
+    older = {key: value for key, value in whitebox.items() if key != "clean_scores"}
+    (directory / "runs" / "whitebox" / "ce.json").write_text(json.dumps(older))
     for name in ("train_architecture", "train_pdm", "_adaptive_attack"):
         monkeypatch.setattr(recipe, name, _refuse)
     monkeypatch.setattr(CarliniWagnerDetectorAttack, "__call__", _refuse)
@@ -307,6 +317,9 @@ def test_recipe_runs_every_stage_then_resumes(
         assert (directory / "runs" / run / "records.jsonl").read_text() == text
     assert (directory / "table3.md").read_text() == table3
     assert "(stale)" not in table3 + table4
+    # an older cache gets the clean scores of the AUC's normal group, without attacking again
+    restored = json.loads((directory / "runs" / "whitebox" / "ce.json").read_text())
+    assert restored["clean_scores"] == whitebox["clean_scores"]
 
     # a cache computed on earlier weights (a retraining since) is marked in the tables
     for run in ("adaptive", "whitebox", "blackbox"):
