@@ -54,7 +54,9 @@ def _pdm_run(checkpoint: EpochCheckpoint | None) -> tuple[dict[str, torch.Tensor
     return model.state_dict(), history.epochs
 
 
-def _madry_run(checkpoint: EpochCheckpoint | None) -> tuple[dict[str, torch.Tensor], list[Any]]:
+def _madry_run(
+    checkpoint: EpochCheckpoint | None, epochs: int = 3
+) -> tuple[dict[str, torch.Tensor], list[Any]]:
     images, labels = _images(24, seed=1)
     torch.manual_seed(4)
     model = MadryCNN(MadryCNNConfig())
@@ -62,7 +64,7 @@ def _madry_run(checkpoint: EpochCheckpoint | None) -> tuple[dict[str, torch.Tens
         model,
         images,
         labels,
-        TrainingConfig(epochs=3, batch_size=8, learning_rate=1e-3, seed=4),
+        TrainingConfig(epochs=epochs, batch_size=8, learning_rate=1e-3, seed=4),
         PGDConfig(epsilon=0.1, steps=2, step_size=0.05),
         progress=False,
         checkpoint=checkpoint,
@@ -87,6 +89,21 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_weights(tmp_path: Path,
     assert state.keys() == expected_state.keys()
     for key, value in expected_state.items():
         assert torch.equal(state[key], value), key
+
+
+def test_a_finished_constant_rate_run_extends_to_more_epochs(tmp_path: Path) -> None:
+    """Adam at a constant rate: 2 epochs, then asked for 3, ends where 3 from scratch end;
+    a state with more epochs done than asked for is refused, not silently used."""
+    expected_state, expected_history = _madry_run(None, epochs=3)
+    _madry_run(EpochCheckpoint(tmp_path), epochs=2)
+    state, history = _madry_run(EpochCheckpoint(tmp_path), epochs=3)
+    untimed = [vars(record) for record in history]
+    assert untimed == [vars(record) for record in expected_history]
+    for key, value in expected_state.items():
+        assert torch.equal(state[key], value), key
+    with pytest.raises(UserError, match=r"3 finished epochs, more than the 2 asked for"):
+        _madry_run(EpochCheckpoint(tmp_path), epochs=2)
+    assert (tmp_path / STATE_FILE).is_file()
 
 
 def test_the_state_file_is_safetensors_with_a_json_header(tmp_path: Path) -> None:

@@ -131,18 +131,31 @@ class EpochCheckpoint:
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
         generator: torch.Generator,
+        extend_to: int | None = None,
     ) -> ResumedRun:
         """Load a saved state into the arguments; ``epochs_done`` is 0 when there is none.
 
-        Raises :class:`~advdefense.errors.UserError` when the state belongs to a run with
-        another ``identity``, and :class:`~advdefense.errors.CheckpointError` when the file
-        is unreadable.
+        ``extend_to``: this run's number of epochs, given when its schedule does not depend on
+        it (a constant learning rate): the identities are then compared without their
+        ``config.epochs``, so the state of a shorter run resumes into this longer one, as if
+        it had asked for ``extend_to`` epochs from the start. Raises
+        :class:`~advdefense.errors.UserError` when the state belongs to a run with another
+        ``identity`` or has more epochs done than ``extend_to``, and
+        :class:`~advdefense.errors.CheckpointError` when the file is unreadable.
         """
         if not self.path.is_file():
             return ResumedRun(0, [])
         header, tensors = self._read()
         saved = header.get("identity", {})
         wanted = json.loads(json.dumps(dict(identity)))
+        if extend_to is not None:
+            saved, wanted = _without_epochs(saved), _without_epochs(wanted)
+            if int(header["epochs_done"]) > extend_to:
+                raise UserError(
+                    f"{self.path} holds {header['epochs_done']} finished epochs, more than the "
+                    f"{extend_to} asked for; ask for at least {header['epochs_done']} epochs, "
+                    "or delete the file to start over"
+                )
         if saved != wanted:
             differing = sorted(
                 key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key)
@@ -191,12 +204,20 @@ class EpochCheckpoint:
         return header, tensors
 
 
+def _without_epochs(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """``identity`` without ``config.epochs``: what a longer run of the same schedule shares."""
+    config = identity.get("config")
+    if not isinstance(config, Mapping):
+        return dict(identity)
+    return {**identity, "config": {k: v for k, v in config.items() if k != "epochs"}}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrackedRun:
     """A trainer's run bound to an optional checkpoint: :meth:`restore` once before the first
     epoch, :meth:`save` after each one. Without a checkpoint both do nothing. The identity
     gets the digest of ``data`` (the training tensors) under ``"data"``, computed once and
-    only when there is a checkpoint."""
+    only when there is a checkpoint. ``extend_to``: see :meth:`EpochCheckpoint.restore`."""
 
     checkpoint: EpochCheckpoint | None
     identity: Mapping[str, Any]
@@ -204,6 +225,7 @@ class TrackedRun:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     generator: torch.Generator
+    extend_to: int | None = None
 
     def __post_init__(self) -> None:
         if self.checkpoint is not None:
@@ -219,6 +241,7 @@ class TrackedRun:
             model=self.model,
             optimizer=self.optimizer,
             generator=self.generator,
+            extend_to=self.extend_to,
         )
 
     def save(self, records: Sequence[Any]) -> None:

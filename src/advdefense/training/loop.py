@@ -90,6 +90,8 @@ def train_classifier(
     resumes from its last finished epoch. The run's identity is the config, the model's class
     and config, the data, and ``run_identity`` (whatever else shapes it, such as the
     ``batch_transform``'s parameters); the caller removes the state once the model is saved.
+    The learning rate is constant, so the state of a run asking for fewer epochs resumes into
+    one asking for more: training longer continues instead of starting over.
     """
     check_images(images, "images")
     check_labels(labels, "labels", batch_size=images.shape[0])
@@ -121,7 +123,10 @@ def train_classifier(
         ),
         **dict(run_identity or {}),
     }
-    run = TrackedRun(checkpoint, identity, (images, labels), model, optimizer, generator)
+    # a constant learning rate: a longer run continues a shorter one's state
+    run = TrackedRun(
+        checkpoint, identity, (images, labels), model, optimizer, generator, config.epochs
+    )
     resumed = run.restore()
     history = TrainingHistory(resumed.records_as(EpochRecord))
     count = images.shape[0]
