@@ -150,12 +150,6 @@ class EpochCheckpoint:
         wanted = json.loads(json.dumps(dict(identity)))
         if extend_to is not None:
             saved, wanted = _without_epochs(saved), _without_epochs(wanted)
-            if int(header["epochs_done"]) > extend_to:
-                raise UserError(
-                    f"{self.path} holds {header['epochs_done']} finished epochs, more than the "
-                    f"{extend_to} asked for; ask for at least {header['epochs_done']} epochs, "
-                    "or delete the file to start over"
-                )
         if saved != wanted:
             differing = sorted(
                 key for key in set(saved) | set(wanted) if saved.get(key) != wanted.get(key)
@@ -164,6 +158,12 @@ class EpochCheckpoint:
                 f"{self.path} is the saved state of another training run (it differs in "
                 f"{', '.join(differing)}); rerun with the settings it was made with to resume "
                 "it, or delete the file to start over"
+            )
+        if extend_to is not None and int(header["epochs_done"]) > extend_to:
+            raise UserError(
+                f"{self.path} holds {header['epochs_done']} finished epochs, more than the "
+                f"{extend_to} asked for; ask for at least {header['epochs_done']} epochs, "
+                "or delete the file to start over"
             )
         prefix = len(_MODEL)
         model.load_state_dict(
