@@ -139,3 +139,65 @@ def test_madry_trains_at_the_datasets_linf_threshold(
     assert seen["name"] == "madry" and options.pgd.epsilon == epsilon
     assert (options.pgd.steps, options.pgd.step_size) == (40, 0.01)
     assert options.checkpoint.directory == tmp_path / "madry"
+
+
+@pytest.mark.parametrize(("state_kept", "trains"), [(True, True), (False, False)])
+def test_a_shorter_saved_madry_continues_only_from_its_kept_state(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    state_kept: bool,
+    trains: bool,
+) -> None:
+    """Madry saved after fewer epochs than the recipe asks for continues when its training state
+    is kept (and keeps it again); without the state it is used as saved, and the recipe says so."""
+    recipe = _recipe("dim_mnist")
+    asked = recipe.MADRY_TRAINING["epochs"]
+    directory = tmp_path / "madry"
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps({"training": {"epochs": asked - 10}}))
+    state = recipe.EpochCheckpoint(directory).path
+    if state_kept:
+        state.write_bytes(b"kept")
+    trained: list[int] = []
+
+    def fake_training(name: str, images: torch.Tensor, labels: torch.Tensor, options: Any) -> Any:
+        trained.append(options.epochs)
+        return nn.Sequential(nn.Flatten(), nn.Linear(16, 2)), {"epochs": options.epochs}
+
+    saved_model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    monkeypatch.setattr(recipe, "train_architecture", fake_training)
+    monkeypatch.setattr(recipe.advdefense, "save", lambda *args, **kwargs: None)
+    monkeypatch.setattr(recipe.advdefense, "load", lambda *args, **kwargs: saved_model)
+    images, labels = _data()
+    data = recipe.LabeledImages(images, labels)
+    model = recipe._model("madry", "mnist-sample", tmp_path, data, data, torch.device("cpu"), 0)
+    assert trained == ([asked] if trains else [])
+    assert (model is saved_model) is not trains
+    assert state.is_file() is state_kept  # the state stays for the next extension
+    printed = capsys.readouterr().out
+    assert (f"continuing to {asked}" in printed) is trains
+    assert ("training state is gone" in printed) is not trains
+
+
+def test_a_saved_madry_with_all_its_epochs_is_loaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _recipe("dim_mnist")
+    directory = tmp_path / "madry"
+    directory.mkdir()
+    epochs = recipe.MADRY_TRAINING["epochs"]
+    (directory / "config.json").write_text(json.dumps({"training": {"epochs": epochs}}))
+    recipe.EpochCheckpoint(directory).path.write_bytes(b"kept")
+    saved_model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+
+    def no_training(*args: Any) -> Any:
+        raise AssertionError("a finished training is not trained again")
+
+    monkeypatch.setattr(recipe, "train_architecture", no_training)
+    monkeypatch.setattr(recipe.advdefense, "load", lambda *args, **kwargs: saved_model)
+    images, labels = _data()
+    data = recipe.LabeledImages(images, labels)
+    assert recipe._model("madry", "mnist-sample", tmp_path, data, data, torch.device("cpu"), 0) is (
+        saved_model
+    )
