@@ -344,6 +344,21 @@ def test_kde_scores_match_scipy(kde: KDEDetector, tiny_classifier: ResNet) -> No
     np.testing.assert_allclose(scores.numpy(), expected, rtol=1e-9)
 
 
+def test_a_wider_kde_shares_the_support_and_scores_at_its_bandwidth(kde: KDEDetector) -> None:
+    queries, _ = _clustered_images(12, seed=4)
+    wider = kde.with_bandwidth(3.0 * kde.bandwidth)
+    assert wider.classifier is kde.classifier and wider.support is kde.support
+    assert wider.bandwidth == 3.0 * kde.bandwidth and wider.threshold is None
+    with torch.no_grad():
+        embeddings = kde.classifier.embed(queries)
+        classes = kde.classifier(queries).argmax(1)
+        expected = -gaussian_kde_log_density(
+            embeddings, classes, kde.support, kde.support_labels, 3.0 * kde.bandwidth
+        )
+        torch.testing.assert_close(wider.score(queries), expected)
+        assert not torch.allclose(wider.score(queries), kde.score(queries))
+
+
 def test_kde_gradient_is_finite_and_non_zero(kde: KDEDetector) -> None:
     images = _clustered_images(4, seed=4)[0].requires_grad_(True)
     kde.score(images).sum().backward()

@@ -289,13 +289,9 @@ def _detected_anyway(
     return adversarials, fooled
 
 
-def test_carlini_wagner_detector_attack_evades_the_detector(toy: ToyFixture) -> None:
-    classifier, detector, images, labels = toy
-    plain = L2CarliniWagnerAttack(steps=200, binary_search_steps=5)
-    plain_adversarials, plain_fooled = _detected_anyway(toy, plain, None)
-    assert bool(plain_fooled.all())
-
-    attack = CarliniWagnerDetectorAttack(
+def _two_phase_attack() -> CarliniWagnerDetectorAttack:
+    """C&W-wb with both phases, short enough for the toys."""
+    return CarliniWagnerDetectorAttack(
         steps=300,
         binary_search_steps=4,
         learning_rate=0.05,
@@ -303,6 +299,15 @@ def test_carlini_wagner_detector_attack_evades_the_detector(toy: ToyFixture) -> 
         classifier_binary_search_steps=3,
         classifier_learning_rate=0.05,
     )
+
+
+def test_carlini_wagner_detector_attack_evades_the_detector(toy: ToyFixture) -> None:
+    classifier, detector, images, labels = toy
+    plain = L2CarliniWagnerAttack(steps=200, binary_search_steps=5)
+    plain_adversarials, plain_fooled = _detected_anyway(toy, plain, None)
+    assert bool(plain_fooled.all())
+
+    attack = _two_phase_attack()
     result = attack(classifier, detector, images, labels)
     assert bool(result.success.all())
     adversarials = result.adversarials
@@ -365,6 +370,8 @@ def test_carlini_wagner_detector_attack_targeted_and_errors(toy: ToyFixture) -> 
         attack(classifier, detector, images[:2], labels[:2], targets=labels[:2])
     with pytest.raises(InputError, match="steps"):
         CarliniWagnerDetectorAttack(steps=0)
+    with pytest.raises(InputError, match="class_weight"):
+        CarliniWagnerDetectorAttack(class_weight=0.0)
     uncalibrated = MeanDistanceDetector(classifier, detector.means)
     with pytest.raises(InputError, match="calibrate"):
         attack(classifier, uncalibrated, images[:2], labels[:2])
@@ -407,3 +414,56 @@ def test_selective_pgd_where_orthogonal_projection_stalls(aligned_toy: ToyFixtur
         OrthogonalPGD(norm="l1")  # type: ignore[arg-type]
     with pytest.raises(InputError, match="epsilon"):
         OrthogonalPGD()(classifier, detector, images, labels, -1.0)
+
+
+class PixelKDE(Detector):
+    """``-log sum_i exp(-||x - s_i||^2 / (2 h^2))``: a KDE on the pixels with ``support``."""
+
+    support: torch.Tensor
+
+    def __init__(self, support: torch.Tensor, bandwidth: float) -> None:
+        super().__init__()
+        self.bandwidth = bandwidth
+        self.register_buffer("support", support.flatten(1).to(torch.float64))
+
+    def score(self, images: torch.Tensor) -> torch.Tensor:
+        squared = torch.cdist(images.flatten(1).to(torch.float64), self.support).pow(2)
+        return -(squared / (-2.0 * self.bandwidth**2)).logsumexp(1)
+
+
+def test_a_smoother_guide_leads_carlini_wagner_out_of_an_isolated_mode(
+    aligned_toy: ToyFixture,
+) -> None:
+    """An isolated support point near the class boundary is a local mode of a narrow KDE that
+    stays above the threshold; C&W-wb settles on it. A wider KDE as the guide leads the
+    iterate on to the dense cluster, and success is still the narrow KDE's alone."""
+    classifier, _, images, labels = aligned_toy
+    images, labels = images[labels == 0], labels[labels == 0]
+    generator = torch.Generator().manual_seed(0)
+    cluster = 0.9 + 0.01 * torch.randn(5, FEATURES, generator=generator)
+    support = torch.cat([torch.full((1, FEATURES), 0.6), cluster])  # both in class 1
+    narrow = PixelKDE(support, bandwidth=0.05)
+    threshold = -1.0  # a lone point scores 0: only the cluster of five gets below
+    attack = _two_phase_attack()
+    targets = torch.ones_like(labels)
+    trapped = attack(classifier, narrow, images, labels, targets=targets, threshold=threshold)
+    assert not bool(trapped.success.any())
+    assert bool((narrow.score(trapped.adversarials) > threshold).all())
+
+    wide = PixelKDE(support, bandwidth=0.5)
+    guide_threshold = float(wide.score(cluster.mean(0, keepdim=True))) + 0.1
+    guided = attack(
+        classifier,
+        narrow,
+        images,
+        labels,
+        targets=targets,
+        threshold=threshold,
+        guide=wide,
+        guide_threshold=guide_threshold,
+    )
+    assert bool(guided.success.all())
+    assert bool((narrow.score(guided.adversarials) <= threshold).all())
+    assert bool((classifier(guided.adversarials).argmax(1) == 1).all())
+    with pytest.raises(InputError, match="without a guide"):
+        attack(classifier, narrow, images, labels, threshold=threshold, guide_threshold=0.0)

@@ -136,8 +136,11 @@ def test_detector_attack_summary_by_hand() -> None:
     assert summary.auc == pytest.approx(3 / 8) and (summary.done, summary.pairs) == (3, 2)
     empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
     assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
-    constants = [recipe.white_box_round(k).initial_const for k in range(3)]
-    assert constants == [1.0, 1e3, 1e6]
+    rounds = [recipe.white_box_round(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
+    assert [attack.initial_const for attack in rounds] == [1.0, 1e3, 1e6, 1e3]
+    assert [attack.class_weight for attack in rounds] == [1.0, 1.0, 1.0, 100.0]
+    factors = [recipe.white_box_guide_factor(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
+    assert factors == [None, None, None, 4.0]
 
 
 def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
@@ -214,10 +217,13 @@ def test_recipe_runs_every_stage_then_resumes(
     chosen: list[tuple[int, list[int]]] = []  # (attacker, samples) of each C&W-wb batch
     attack_batch = recipe._attack_batch
 
-    def recorded(*args: Any) -> Any:
+    guides: list[Any] = []
+
+    def recorded(*args: Any, guide: Any = None) -> Any:
         attacked.append(id(args[3]))
         chosen.append((id(args[2][0]), list(args[4])))  # per attacking model
-        return attack_batch(*args)
+        guides.append(guide)
+        return attack_batch(*args, guide=guide)
 
     monkeypatch.setattr(recipe, "_attack_batch", recorded)
     torch.manual_seed(0)
@@ -291,6 +297,18 @@ def test_recipe_runs_every_stage_then_resumes(
         if retried:
             assert len(whitebox["rounds"]) == recipe.WHITE_BOX_ROUNDS
             assert all(finals[i]["round"] == recipe.WHITE_BOX_ROUNDS - 1 for i in retried)
+            guided = whitebox["rounds"][recipe.WHITE_BOX_GUIDED_ROUND]
+            assert (guided["class_weight"], guided["guide_bandwidth_factor"]) == (100.0, 4.0)
+            assert set(whitebox["guide_thresholds"]) == {"4.0"}
+    used = [guide for guide in guides if guide is not None]
+    assert used, "no sample reached the guided round"
+    bandwidths = [
+        json.loads(path.read_text())["config"]["bandwidth"]
+        for path in directory.glob("models/*-kde/config.json")
+    ]
+    for detector, threshold in used:  # an attacker's KDE widened 4x, to its clean median
+        assert math.isfinite(threshold)
+        assert any(detector.bandwidth == pytest.approx(4.0 * b) for b in bandwidths)
     files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
     assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
     table4 = (directory / "table4.md").read_text()
@@ -305,6 +323,7 @@ def test_recipe_runs_every_stage_then_resumes(
         for run in ("graybox-linf-0.05", "graybox-cw", "graybox-strong")
     }
     older = {key: value for key, value in whitebox.items() if key != "clean_scores"}
+    older["attack"] = {k: v for k, v in whitebox["attack"].items() if k != "class_weight"}
     (directory / "runs" / "whitebox" / "ce.json").write_text(json.dumps(older))
     for name in ("train_architecture", "train_pdm", "_adaptive_attack"):
         monkeypatch.setattr(recipe, name, _refuse)
@@ -320,6 +339,7 @@ def test_recipe_runs_every_stage_then_resumes(
     # an older cache gets the clean scores of the AUC's normal group, without attacking again
     restored = json.loads((directory / "runs" / "whitebox" / "ce.json").read_text())
     assert restored["clean_scores"] == whitebox["clean_scores"]
+    assert restored["rounds"] == whitebox["rounds"]  # caches from before class_weight stay
 
     # a cache computed on earlier weights (a retraining since) is marked in the tables
     for run in ("adaptive", "whitebox", "blackbox"):

@@ -60,7 +60,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advdefense.defenses.detector import Detector
-from advdefense.defenses.kde import EmbeddingDetector
+from advdefense.defenses.kde import EmbeddingDetector, class_scores_and_embedding_scores
 from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
@@ -175,6 +175,26 @@ def class_scores_and_score(
     return _class_scores(classifier, images), detector.score(images)
 
 
+def _class_scores_and_guided_scores(
+    classifier: nn.Module,
+    detector: Detector,
+    guide: Detector,
+    images: torch.Tensor,
+    classes: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class scores, the detector's and the guide's score (as :func:`class_scores_and_score`);
+    from one embedding pass when both score this very classifier's embedding."""
+    detectors = (detector, guide)
+    if all(isinstance(d, EmbeddingDetector) and d.classifier is classifier for d in detectors):
+        embedding_detectors = [d for d in detectors if isinstance(d, EmbeddingDetector)]
+        scores, (score, guided) = class_scores_and_embedding_scores(
+            classifier, embedding_detectors, images, classes
+        )
+        return scores, score, guided
+    scores, score = class_scores_and_score(classifier, detector, images, classes)
+    return scores, score, class_scores_and_score(classifier, guide, images, classes)[1]
+
+
 def _other_best(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
     """``max_{j != c} z_j`` per row."""
     return scores.scatter(1, classes[:, None], -math.inf).max(1).values
@@ -251,6 +271,11 @@ class _Phase:
     binary_search_steps: int
     learning_rate: float
     initial_const: float
+    class_weight: float = 1.0
+
+
+# candidates -> (class scores, detector term to descend, detector excess)
+_DetectorExcess = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def _carlini_wagner_phase(
@@ -265,14 +290,16 @@ def _carlini_wagner_phase(
     confidence: float,
     abort_early: bool,
     bounds: tuple[float, float],
-    detector_excess: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+    detector_excess: _DetectorExcess | None,
     bar: tqdm[Any] | None = None,
 ) -> None:
     """One C&W L2 binary search from ``start``, updating ``search`` in place.
 
-    ``detector_excess(x)`` gives the class scores and ``relu(score(x) - threshold)`` (float64,
-    N), or is None for the plain attack; a success needs the C&W class condition and a zero
-    excess. ``bar`` advances by one per step (by the skipped ones after an early abort).
+    ``detector_excess(x)`` gives the class scores, the detector term to descend and the
+    detector's excess ``relu(score(x) - threshold)`` (both float64, N; the term is the excess
+    unless a guide stands in for it), or is None for the plain attack; a success needs the C&W
+    class condition and a zero excess. ``bar`` advances by one per step (by the skipped ones
+    after an early abort).
     """
     count = images.shape[0]
     device = images.device
@@ -293,14 +320,15 @@ def _carlini_wagner_phase(
                 candidates = _to_model_space(origin + modifier, bounds)
                 if detector_excess is None:
                     scores = _class_scores(classifier, candidates)
-                    excess = torch.zeros_like(const)
+                    excess = term = torch.zeros_like(const)
                 else:
-                    scores, excess = detector_excess(candidates)
+                    scores, term, excess = detector_excess(candidates)
                 distance = (candidates - images).flatten(1).pow(2).sum(1)
                 own, other = _own(scores, classes), _other_best(scores, classes)
                 margin = other - own if targeted else own - other
                 class_loss = (margin + confidence).clamp_min(0.0).to(torch.float64)
-                losses = distance.to(torch.float64) + const * (class_loss + excess)
+                weighted = phase.class_weight * class_loss + term
+                losses = distance.to(torch.float64) + const * weighted
                 (gradient,) = torch.autograd.grad(losses.sum(), modifier)
             with torch.no_grad():
                 reached = _reaches(scores.detach(), classes, targeted=targeted, margin=confidence)
@@ -345,7 +373,11 @@ class CarliniWagnerDetectorAttack:
     prediction, which is the detector's own score. Its term jumps down wherever the iterate
     falls back to its own class, so phase 2 can settle there, fooling nobody. This is how it
     failed on our ResNets. The success test always uses the detector's own score, which is
-    the target's once the target is reached.
+    the target's once the target is reached. ``class_weight`` multiplies phase 2's class
+    hinge: C&W weigh it like the detector term (1), but a detector term hundreds of nats above
+    its threshold can then pull the iterate out of the target class, where it stays (an
+    evading image of another class); a large weight makes the class a near-hard constraint,
+    so the iterate slides along the target's side of the boundary instead.
     """
 
     steps: int = 10_000
@@ -360,6 +392,7 @@ class CarliniWagnerDetectorAttack:
     abort_early: bool = True
     bounds: tuple[float, float] = (0.0, 1.0)
     detector_class: DetectorClass = "target"
+    class_weight: float = 1.0
 
     def __post_init__(self) -> None:
         check_positive_int(self.steps, "steps")
@@ -380,6 +413,7 @@ class CarliniWagnerDetectorAttack:
             "initial_const",
             "classifier_learning_rate",
             "classifier_initial_const",
+            "class_weight",
         ):
             _check_positive(getattr(self, name), name)
         if not (math.isfinite(self.confidence) and self.confidence >= 0):
@@ -395,16 +429,35 @@ class CarliniWagnerDetectorAttack:
         *,
         targets: torch.Tensor | None = None,
         threshold: float | torch.Tensor | None = None,
+        guide: Detector | None = None,
+        guide_threshold: float | torch.Tensor | None = None,
         progress: bool = False,
     ) -> DetectorAttackResult:
         """Attack ``images`` (true ``labels``); untargeted unless ``targets`` are given.
 
         ``threshold`` (a number or one per sample) replaces the detector's calibrated one in
-        both the objective and the success test. ``progress`` shows a bar over both phases'
-        optimization steps (tens of thousands at the defaults).
+        both the objective and the success test. ``guide``: another detector on the same
+        input (scored under the same classes); where its excess over ``guide_threshold``
+        (default: its calibrated threshold) is positive, phase 2 descends that instead of
+        the detector's, which takes over once the guide is satisfied; success is still the
+        detector's alone. A smoother KDE (:meth:`advdefense.defenses.kde.KDEDetector.
+        with_bandwidth`) so leads the iterate past the local modes that a narrow KDE has at
+        isolated support points, whose pull would otherwise hold it there.
+        ``progress`` shows a bar over both phases' optimization steps (tens of thousands at
+        the defaults).
         """
         _check_inputs(classifier, detector, images, labels, targets, self.bounds)
         thresholds = _resolve_thresholds(detector, threshold, images.shape[0], images.device)
+        guidance = None
+        if guide is not None:
+            if not isinstance(guide, Detector):
+                raise InputError(f"guide must be a Detector, got {type(guide).__name__}")
+            guidance = (
+                guide,
+                _resolve_thresholds(guide, guide_threshold, images.shape[0], images.device),
+            )
+        elif guide_threshold is not None:
+            raise InputError("guide_threshold was given without a guide; pass guide=...")
         targeted = targets is not None
         classes = (targets if targets is not None else labels).to(images.device)
         images = images.detach()
@@ -418,7 +471,9 @@ class CarliniWagnerDetectorAttack:
             tqdm(total=total, desc="C&W-wb", unit="step", disable=not progress, leave=False) as bar,
         ):
             _check_differentiable(detector, images)
-            search = self._run(classifier, detector, images, classes, thresholds, targeted, bar)
+            search = self._run(
+                classifier, detector, images, classes, thresholds, targeted, guidance, bar
+            )
         succeeded = _rows(torch.isfinite(search.best_distance), images)
         adversarials = torch.where(succeeded, search.best, search.fallback)
         success = misclassified_and_not_rejected(
@@ -434,6 +489,7 @@ class CarliniWagnerDetectorAttack:
         classes: torch.Tensor,
         thresholds: torch.Tensor,
         targeted: bool,
+        guidance: tuple[Detector, torch.Tensor] | None,
         bar: tqdm[Any],
     ) -> _Search:
         count = images.shape[0]
@@ -461,12 +517,25 @@ class CarliniWagnerDetectorAttack:
 
         scored = classes if targeted and self.detector_class == "target" else None
 
-        def excess(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            scores, score = class_scores_and_score(classifier, detector, candidates, scored)
-            return scores, (score.to(torch.float64) - thresholds).clamp_min(0.0)
+        def excess(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            if guidance is None:
+                scores, score = class_scores_and_score(classifier, detector, candidates, scored)
+                own = (score.to(torch.float64) - thresholds).clamp_min(0.0)
+                return scores, own, own
+            guide, guide_thresholds = guidance
+            scores, score, guided = _class_scores_and_guided_scores(
+                classifier, detector, guide, candidates, scored
+            )
+            own = (score.to(torch.float64) - thresholds).clamp_min(0.0)
+            led = (guided.to(torch.float64) - guide_thresholds).clamp_min(0.0)
+            return scores, torch.where(led > 0, led, own), own
 
         second = _Phase(
-            self.steps, self.binary_search_steps, self.learning_rate, self.initial_const
+            self.steps,
+            self.binary_search_steps,
+            self.learning_rate,
+            self.initial_const,
+            self.class_weight,
         )
         self._phase(classifier, images, start, classes, second, search, targeted, excess, bar)
         return search
@@ -480,7 +549,7 @@ class CarliniWagnerDetectorAttack:
         phase: _Phase,
         search: _Search,
         targeted: bool,
-        detector_excess: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None,
+        detector_excess: _DetectorExcess | None,
         bar: tqdm[Any],
     ) -> None:
         _carlini_wagner_phase(

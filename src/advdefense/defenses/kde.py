@@ -58,6 +58,7 @@ __all__ = [
     "KDEDetector",
     "KDEDetectorConfig",
     "check_embedding_classifier",
+    "class_scores_and_embedding_scores",
     "classifier_spec",
     "compute_embeddings",
     "gaussian_kde_log_density",
@@ -266,13 +267,30 @@ class EmbeddingDetector(Detector):
         differentiable: what a detector-aware attack needs at every step. The score is under
         the predicted class, or under ``classes`` when given (the score the image would have
         if it were classified so: Carlini & Wagner 2017's KDE of the attack's target)."""
-        embedding = _interface(self.classifier).embed(images)
-        class_scores = _interface(self.classifier).scores_from_embedding(embedding)
-        scored = class_scores.detach().argmax(dim=1) if classes is None else classes
-        return class_scores, self.score_from_embedding(embedding, scored)
+        class_scores, (score,) = class_scores_and_embedding_scores(
+            self.classifier, [self], images, classes
+        )
+        return class_scores, score
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
         return self.class_scores_and_score(images)[1]
+
+
+def class_scores_and_embedding_scores(
+    classifier: nn.Module,
+    detectors: Sequence[EmbeddingDetector],
+    images: torch.Tensor,
+    classes: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``classifier``'s class scores and each detector's score, all from one embedding pass
+    (the detectors must score this classifier's embedding); under ``classes`` when given,
+    else under the predicted classes (:meth:`EmbeddingDetector.class_scores_and_score`)."""
+    embedding = _interface(classifier).embed(images)
+    class_scores = _interface(classifier).scores_from_embedding(embedding)
+    scored = class_scores.detach().argmax(dim=1) if classes is None else classes
+    return class_scores, [
+        detector.score_from_embedding(embedding, scored) for detector in detectors
+    ]
 
 
 @dataclass(frozen=True)
@@ -342,6 +360,18 @@ class KDEDetector(EmbeddingDetector):
     @property
     def bandwidth(self) -> float:
         return self.config.bandwidth
+
+    def with_bandwidth(self, bandwidth: float) -> KDEDetector:
+        """This KDE at another ``bandwidth``, sharing the classifier and the support; not
+        calibrated. A wider one is smooth where this one has a local mode at each isolated
+        support point, so it can guide an attack into the dense part of a class."""
+        smoothed = KDEDetector(
+            dataclasses.replace(self.config, bandwidth=bandwidth), classifier=self.classifier
+        )
+        smoothed.support = self.support
+        smoothed.support_labels = self.support_labels
+        smoothed.class_counts = self.class_counts
+        return smoothed.eval()
 
     def log_density(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``log p_c(z)`` (float64, N) of each embedding under its class in ``classes``."""
