@@ -27,8 +27,8 @@ demo: $(INSTALL_STAMP)
 	$(BIN)/advdefense demo
 
 lint: $(INSTALL_STAMP)
-	$(BIN)/ruff check src tests recipes $(wildcard benchmarks)
-	$(BIN)/ruff format --check src tests recipes $(wildcard benchmarks)
+	$(BIN)/ruff check src tests recipes $(wildcard benchmarks scripts)
+	$(BIN)/ruff format --check src tests recipes $(wildcard benchmarks scripts)
 
 typecheck: $(INSTALL_STAMP)
 	$(BIN)/mypy
