@@ -1267,7 +1267,7 @@ def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary
         int(fooled.sum()),
         distortion,
         auc,
-        len(state.get("rounds", [])),
+        sum(1 for current in state.get("rounds", []) if current["batches"]),  # rounds that ran
     )
 
 

@@ -123,6 +123,11 @@ def test_detector_attack_summary_by_hand() -> None:
     # adversarial scores 0.5, 1.5, 2.5 vs clean 1.0, 2.0, 1.5: 0 + (1 + 1/2) + 3 of 9 pairs
     assert summary.auc == pytest.approx(0.5)
     assert summary.rounds == 2
+    unused = {"samples": [], "batches": {}}  # a round opened when nothing was left to retry
+    assert (
+        recipe.summarize_detector_attack({**state, "rounds": [first_round, retry, unused]}).rounds
+        == 2
+    )
     assert recipe.final_records(state)[1]["round"] == 1
     first_only = recipe.summarize_detector_attack({**state, "rounds": [first_round]})
     assert (first_only.successes, first_only.pairs) == (2, 2)
