@@ -28,6 +28,8 @@ says which samples succeeded. Defaults: PDM Appendix C ("C&W-wb": 5000 / 10000 i
 (initial constant 1.0, Adam learning rate 0.01, abort early). Pang et al. attack a random
 target class (:func:`advdefense.attacks.jsma.random_targets`) and, in their code, the median
 KDE density of the target class as the threshold; pass ``targets`` and ``threshold`` to do so.
+Two additions of ours for samples that stay stuck (``class_weight`` on the class hinge, a
+``guide`` detector that leads phase 2): see the class and its ``__call__``.
 
 :class:`OrthogonalPGD` -- Bryniarski et al. 2022, "Evading adversarial example detectors"
 (ICLR 2022), and their released code: fixed-epsilon PGD (L-inf or L2) that, per sample
@@ -440,9 +442,9 @@ class CarliniWagnerDetectorAttack:
         input (scored under the same classes); where its excess over ``guide_threshold``
         (default: its calibrated threshold) is positive, phase 2 descends that instead of
         the detector's, which takes over once the guide is satisfied; success is still the
-        detector's alone. A smoother KDE (:meth:`advdefense.defenses.kde.KDEDetector.
-        with_bandwidth`) so leads the iterate past the local modes that a narrow KDE has at
-        isolated support points, whose pull would otherwise hold it there.
+        detector's alone. A smoother KDE (``KDEDetector.with_bandwidth``) so leads the
+        iterate past the local modes that a narrow KDE has at isolated support points, whose
+        pull would otherwise hold it there.
         ``progress`` shows a bar over both phases' optimization steps (tens of thousands at
         the defaults).
         """
