@@ -359,6 +359,42 @@ def test_a_wider_kde_shares_the_support_and_scores_at_its_bandwidth(kde: KDEDete
         assert not torch.allclose(wider.score(queries), kde.score(queries))
 
 
+def test_a_restricted_kde_sums_the_kept_points_over_the_full_counts(kde: KDEDetector) -> None:
+    queries, _ = _clustered_images(12, seed=5)
+    keep = torch.arange(kde.support.shape[0]) % 3 != 0
+    subset = kde.restricted(keep)
+    with torch.no_grad():
+        embeddings = kde.classifier.embed(queries).double()
+        classes = kde.classifier(queries).argmax(1)
+        support = kde.support.double()
+        squared = torch.cdist(embeddings, support).square()
+        kernels = torch.exp(-squared / (2 * kde.bandwidth**2))
+        own = kde.support_labels[None, :] == classes[:, None]
+        kept_sum = (kernels * (own & keep[None, :])).sum(1)
+        counts = kde.class_counts[classes].double()
+        dimension = support.shape[1]
+        normalizer = (2 * math.pi * kde.bandwidth**2) ** (dimension / 2)
+        expected = -torch.log(kept_sum / counts / normalizer)
+        torch.testing.assert_close(subset.score(queries), expected)
+        assert (subset.score(queries) >= kde.score(queries) - 1e-9).all()
+    assert subset.classifier is kde.classifier and subset.threshold is None
+
+
+def test_a_restriction_must_keep_every_class_and_be_a_mask(kde: KDEDetector) -> None:
+    drops_class_0 = kde.support_labels != 0
+    with pytest.raises(InputError, match=r"class\(es\) \[0\]"):
+        kde.restricted(drops_class_0)
+    with pytest.raises(InputError, match="boolean mask over the"):
+        kde.restricted(torch.ones(3, dtype=torch.bool))
+
+
+def test_support_scores_are_each_points_score_under_its_own_class(kde: KDEDetector) -> None:
+    expected = -gaussian_kde_log_density(
+        kde.support, kde.support_labels, kde.support, kde.support_labels, kde.bandwidth
+    )
+    torch.testing.assert_close(kde.support_scores(chunk=7), expected)
+
+
 def test_kde_gradient_is_finite_and_non_zero(kde: KDEDetector) -> None:
     images = _clustered_images(4, seed=4)[0].requires_grad_(True)
     kde.score(images).sum().backward()

@@ -142,10 +142,10 @@ def test_detector_attack_summary_by_hand() -> None:
     empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
     assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
     rounds = [recipe.white_box_round(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
-    assert [attack.initial_const for attack in rounds] == [1.0, 1e3, 1e6, 1e3]
-    assert [attack.class_weight for attack in rounds] == [1.0, 1.0, 1.0, 100.0]
-    factors = [recipe.white_box_guide_factor(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
-    assert factors == [None, None, None, 4.0]
+    assert [attack.initial_const for attack in rounds] == [1.0, 1e3, 1e6, 1e3, 1e3]
+    assert [attack.class_weight for attack in rounds] == [1.0, 1.0, 1.0, 100.0, 100.0]
+    guides = [recipe.white_box_guide(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
+    assert guides == [None, None, None, "smoothed", "dense-support"]
 
 
 def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
@@ -227,7 +227,8 @@ def test_recipe_runs_every_stage_then_resumes(
     def recorded(*args: Any, guide: Any = None) -> Any:
         attacked.append(id(args[3]))
         chosen.append((id(args[2][0]), list(args[4])))  # per attacking model
-        guides.append(guide)
+        if guide is not None:
+            guides.append((args[2][1], guide))
         return attack_batch(*args, guide=guide)
 
     monkeypatch.setattr(recipe, "_attack_batch", recorded)
@@ -302,18 +303,32 @@ def test_recipe_runs_every_stage_then_resumes(
         if retried:
             assert len(whitebox["rounds"]) == recipe.WHITE_BOX_ROUNDS
             assert all(finals[i]["round"] == recipe.WHITE_BOX_ROUNDS - 1 for i in retried)
-            guided = whitebox["rounds"][recipe.WHITE_BOX_GUIDED_ROUND]
-            assert (guided["class_weight"], guided["guide_bandwidth_factor"]) == (100.0, 4.0)
+            smoothed, dense = whitebox["rounds"][recipe.WHITE_BOX_GUIDED_ROUND :]
+            assert (smoothed["class_weight"], smoothed["guide_bandwidth_factor"]) == (100.0, 4.0)
+            assert (smoothed["guide"], dense["guide"], dense["class_weight"]) == (
+                "smoothed",
+                "dense-support",
+                100.0,
+            )
             assert set(whitebox["guide_thresholds"]) == {"4.0"}
-    used = [guide for guide in guides if guide is not None]
-    assert used, "no sample reached the guided round"
-    bandwidths = [
-        json.loads(path.read_text())["config"]["bandwidth"]
-        for path in directory.glob("models/*-kde/config.json")
-    ]
-    for detector, threshold in used:  # an attacker's KDE widened 4x, to its clean median
-        assert math.isfinite(threshold)
-        assert any(detector.bandwidth == pytest.approx(4.0 * b) for b in bandwidths)
+    widened = {detector.bandwidth != kde.bandwidth for kde, (detector, _) in guides}
+    assert widened == {True, False}, "no sample reached both guided rounds"
+    for attacker_kde, (detector, thresholds) in guides:
+        if detector.bandwidth != attacker_kde.bandwidth:  # smoothed: 4x, to its clean median
+            assert detector.bandwidth == pytest.approx(4.0 * attacker_kde.bandwidth)
+            assert len(set(thresholds)) == 1 and math.isfinite(thresholds[0])
+            continue
+        # dense-support: the support points scoring at most the evasion threshold (the clean
+        # median, every sample's), a class without one keeping its densest
+        (threshold,) = set(thresholds)
+        scores = attacker_kde.support_scores()
+        for label in range(attacker_kde.config.num_classes):
+            members = attacker_kde.support_labels == label
+            dense = attacker_kde.support[members & (scores <= threshold)]
+            if len(dense) == 0:
+                dense = attacker_kde.support[members][scores[members].argmin()][None]
+            torch.testing.assert_close(detector.support[detector.support_labels == label], dense)
+        assert detector.class_counts is attacker_kde.class_counts
     files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
     assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
     table4 = (directory / "table4.md").read_text()
@@ -327,9 +342,19 @@ def test_recipe_runs_every_stage_then_resumes(
         run: (directory / "runs" / run / "records.jsonl").read_text()
         for run in ("graybox-linf-0.05", "graybox-cw", "graybox-strong")
     }
-    older = {key: value for key, value in whitebox.items() if key != "clean_scores"}
-    older["attack"] = {k: v for k, v in whitebox["attack"].items() if k != "class_weight"}
-    (directory / "runs" / "whitebox" / "ce.json").write_text(json.dumps(older))
+    caches = {name: directory / "runs" / "whitebox" / f"{name}.json" for name in models}
+    originals = {name: json.loads(path.read_text()) for name, path in caches.items()}
+    stripped = 0  # rounds written before there were two guides
+    for name, original in originals.items():
+        older = {key: value for key, value in original.items() if key != "clean_scores"}
+        older["attack"] = {k: v for k, v in original["attack"].items() if k != "class_weight"}
+        older["rounds"] = [
+            {k: v for k, v in round_.items() if (k, v) != ("guide", "smoothed")}
+            for round_ in original["rounds"]
+        ]
+        stripped += sum(round_.get("guide") == "smoothed" for round_ in original["rounds"])
+        caches[name].write_text(json.dumps(older))
+    assert stripped, "no cache had a smoothed round to strip"
     for name in ("train_architecture", "train_pdm", "_adaptive_attack"):
         monkeypatch.setattr(recipe, name, _refuse)
     monkeypatch.setattr(CarliniWagnerDetectorAttack, "__call__", _refuse)
@@ -342,9 +367,11 @@ def test_recipe_runs_every_stage_then_resumes(
     assert (directory / "table3.md").read_text() == table3
     assert "(stale)" not in table3 + table4
     # an older cache gets the clean scores of the AUC's normal group, without attacking again
-    restored = json.loads((directory / "runs" / "whitebox" / "ce.json").read_text())
-    assert restored["clean_scores"] == whitebox["clean_scores"]
-    assert restored["rounds"] == whitebox["rounds"]  # caches from before class_weight stay
+    for name, path in caches.items():
+        restored = json.loads(path.read_text())
+        assert restored["clean_scores"] == originals[name]["clean_scores"]
+        # caches from before class_weight or the second guide keep their rounds
+        assert restored["rounds"] == originals[name]["rounds"]
 
     # a cache computed on earlier weights (a retraining since) is marked in the tables
     for run in ("adaptive", "whitebox", "blackbox"):

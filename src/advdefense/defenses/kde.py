@@ -373,6 +373,47 @@ class KDEDetector(EmbeddingDetector):
         smoothed.class_counts = self.class_counts
         return smoothed.eval()
 
+    def restricted(self, keep: torch.Tensor) -> KDEDetector:
+        """This KDE summed over the support points where ``keep`` (a boolean mask over
+        ``support``) is true, still divided by each class's full count; not calibrated.
+
+        Its density is at most this KDE's, so its score is an upper bound on this one's: an
+        input it scores at most ``t`` this KDE scores at most ``t`` too. Restricted to the
+        support points in the dense part of each class, it has no local mode at the isolated
+        ones, so it can lead an attack to where this KDE is dense. Every class keeps at least
+        one support point (else its score would be infinite)."""
+        if keep.dtype != torch.bool or keep.shape != (self.support.shape[0],):
+            raise InputError(
+                f"keep must be a boolean mask over the {self.support.shape[0]} support points, "
+                f"got dtype {keep.dtype} and shape {tuple(keep.shape)}"
+            )
+        keep = keep.to(self.support.device)
+        kept = torch.bincount(self.support_labels[keep].cpu(), minlength=self.config.num_classes)
+        if bool((kept == 0).any()):
+            empty = (kept == 0).nonzero().flatten().tolist()
+            raise InputError(
+                f"keep drops every support point of class(es) {empty}; keep at least one each"
+            )
+        subset = KDEDetector(self.config, classifier=self.classifier)
+        subset.support = self.support[keep]
+        subset.support_labels = self.support_labels[keep]
+        subset.class_counts = self.class_counts
+        return subset.eval()
+
+    def support_scores(self, chunk: int = 1000) -> torch.Tensor:
+        """Each support point's score under its own class (float64): the score of an input
+        whose embedding sits exactly on it; ``chunk`` support points at a time."""
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    self.score_from_embedding(
+                        self.support[start : start + chunk],
+                        self.support_labels[start : start + chunk],
+                    )
+                    for start in range(0, self.support.shape[0], chunk)
+                ]
+            )
+
     def log_density(self, embeddings: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """``log p_c(z)`` (float64, N) of each embedding under its class in ``classes``."""
         squared = _squared_distances(embeddings, self.support)
