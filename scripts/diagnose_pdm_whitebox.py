@@ -77,8 +77,8 @@ def leave_the_target(directory: Path, model: str, sample: int, round_index: int)
 def lone_modes(directory: Path, model: str) -> None:
     """Trap 2: how the support points of ``model``'s KDE score under their own class."""
     kde = _kde(directory, model)
+    scores = kde.support_scores()
     with torch.no_grad():
-        scores = kde.score_from_embedding(kde.support, kde.support_labels)
         distances = torch.cdist(kde.support.double(), kde.support.double())
         same = kde.support_labels[:, None] == kde.support_labels[None, :]
         distances = distances.masked_fill(~same, torch.inf).fill_diagonal_(torch.inf)

@@ -431,16 +431,24 @@ class PixelKDE(Detector):
         return -(squared / (-2.0 * self.bandwidth**2)).logsumexp(1)
 
 
+def _isolated_mode(
+    aligned_toy: ToyFixture,
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The toy's class-0 samples and a tight cluster of five class-1 points far past the
+    boundary (the dense part of class 1)."""
+    classifier, _, images, labels = aligned_toy
+    generator = torch.Generator().manual_seed(0)
+    cluster = 0.9 + 0.01 * torch.randn(5, FEATURES, generator=generator)
+    return classifier, images[labels == 0], labels[labels == 0], cluster
+
+
 def test_a_smoother_guide_leads_carlini_wagner_out_of_an_isolated_mode(
     aligned_toy: ToyFixture,
 ) -> None:
     """An isolated support point near the class boundary is a local mode of a narrow KDE that
     stays above the threshold; C&W-wb settles on it. A wider KDE as the guide leads the
     iterate on to the dense cluster, and success is still the narrow KDE's alone."""
-    classifier, _, images, labels = aligned_toy
-    images, labels = images[labels == 0], labels[labels == 0]
-    generator = torch.Generator().manual_seed(0)
-    cluster = 0.9 + 0.01 * torch.randn(5, FEATURES, generator=generator)
+    classifier, images, labels, cluster = _isolated_mode(aligned_toy)
     support = torch.cat([torch.full((1, FEATURES), 0.6), cluster])  # both in class 1
     narrow = PixelKDE(support, bandwidth=0.05)
     threshold = -1.0  # a lone point scores 0: only the cluster of five gets below
@@ -467,3 +475,31 @@ def test_a_smoother_guide_leads_carlini_wagner_out_of_an_isolated_mode(
     assert bool((classifier(guided.adversarials).argmax(1) == 1).all())
     with pytest.raises(InputError, match="without a guide"):
         attack(classifier, narrow, images, labels, threshold=threshold, guide_threshold=0.0)
+
+
+def test_carlini_wagner_from_accepted_starts_comes_closer_and_keeps_both_conditions(
+    aligned_toy: ToyFixture,
+) -> None:
+    """Phase 2 started at images of the target class that the detector accepts (the cluster)
+    draws them towards the originals while both conditions hold, where the trapped run of
+    the test above failed: every sample succeeds, closer than it started."""
+    classifier, images, labels, cluster = _isolated_mode(aligned_toy)
+    narrow = PixelKDE(torch.cat([torch.full((1, FEATURES), 0.6), cluster]), bandwidth=0.05)
+    threshold = -1.0
+    targets = torch.ones_like(labels)
+    starts = cluster.mean(0, keepdim=True).expand(images.shape[0], -1).reshape(images.shape)
+    assert bool((narrow.score(starts) <= threshold).all())
+    attack = _two_phase_attack()
+    result = attack(
+        classifier, narrow, images, labels, targets=targets, threshold=threshold, starts=starts
+    )
+    assert bool(result.success.all())
+    assert bool((narrow.score(result.adversarials) <= threshold).all())
+    assert bool((classifier(result.adversarials).argmax(1) == 1).all())
+    moved = (result.adversarials - images).flatten(1).norm(dim=1)
+    started = (starts - images).flatten(1).norm(dim=1)
+    assert bool((moved < started - 0.01).all())
+    with pytest.raises(InputError, match="starts must have the shape"):
+        attack(
+            classifier, narrow, images, labels, targets=targets, threshold=0.0, starts=starts[:1]
+        )

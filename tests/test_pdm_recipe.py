@@ -142,10 +142,11 @@ def test_detector_attack_summary_by_hand() -> None:
     empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
     assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
     rounds = [recipe.white_box_round(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
-    assert [attack.initial_const for attack in rounds] == [1.0, 1e3, 1e6, 1e3, 1e3]
-    assert [attack.class_weight for attack in rounds] == [1.0, 1.0, 1.0, 100.0, 100.0]
+    assert [attack.initial_const for attack in rounds] == [1.0, 1e3, 1e6, 1e3, 1e3, 1e3]
+    assert [attack.class_weight for attack in rounds] == [1.0, 1.0, 1.0, 100.0, 100.0, 100.0]
     guides = [recipe.white_box_guide(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
-    assert guides == [None, None, None, "smoothed", "dense-support"]
+    assert guides == [None, None, None, "smoothed", "dense-support", None]
+    assert recipe.WHITE_BOX_STARTS == (5,)
 
 
 def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
@@ -224,12 +225,16 @@ def test_recipe_runs_every_stage_then_resumes(
 
     guides: list[Any] = []
 
-    def recorded(*args: Any, guide: Any = None) -> Any:
+    started: list[tuple[Any, Any, list[int], torch.Tensor]] = []
+
+    def recorded(*args: Any, guide: Any = None, starts: Any = None) -> Any:
         attacked.append(id(args[3]))
         chosen.append((id(args[2][0]), list(args[4])))  # per attacking model
         if guide is not None:
             guides.append((args[2][1], guide))
-        return attack_batch(*args, guide=guide)
+        if starts is not None:
+            started.append((*args[2], list(args[4]), starts))
+        return attack_batch(*args, guide=guide, starts=starts)
 
     monkeypatch.setattr(recipe, "_attack_batch", recorded)
     torch.manual_seed(0)
@@ -303,7 +308,8 @@ def test_recipe_runs_every_stage_then_resumes(
         if retried:
             assert len(whitebox["rounds"]) == recipe.WHITE_BOX_ROUNDS
             assert all(finals[i]["round"] == recipe.WHITE_BOX_ROUNDS - 1 for i in retried)
-            smoothed, dense = whitebox["rounds"][recipe.WHITE_BOX_GUIDED_ROUND :]
+            smoothed, dense, restart = whitebox["rounds"][recipe.WHITE_BOX_GUIDED_ROUND :]
+            assert (restart["start"], restart["class_weight"]) == ("nearest-accepted", 100.0)
             assert (smoothed["class_weight"], smoothed["guide_bandwidth_factor"]) == (100.0, 4.0)
             assert (smoothed["guide"], dense["guide"], dense["class_weight"]) == (
                 "smoothed",
@@ -329,6 +335,19 @@ def test_recipe_runs_every_stage_then_resumes(
                 dense = attacker_kde.support[members][scores[members].argmin()][None]
             torch.testing.assert_close(detector.support[detector.support_labels == label], dense)
         assert detector.class_counts is attacker_kde.class_counts
+    assert started, "no sample reached the round that starts at accepted images"
+    train = recipe.load_dataset(DATASET, "train")
+    for attacker, _, indices, images in started:
+        # the target's training images, those the attacker classifies as the target if any
+        # (every cache draws the same targets: they depend on the labels and the seed only)
+        with torch.no_grad():
+            predictions = attacker(train.images).argmax(1)
+        for index, image in zip(indices, images, strict=True):
+            target = whitebox["targets"][index]
+            (row,) = (train.images == image).flatten(1).all(1).nonzero().flatten().tolist()
+            assert int(train.labels[row]) == target
+            if bool(((train.labels == target) & (predictions == target)).any()):
+                assert int(predictions[row]) == target
     files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
     assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
     table4 = (directory / "table4.md").read_text()

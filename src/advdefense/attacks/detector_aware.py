@@ -28,8 +28,9 @@ says which samples succeeded. Defaults: PDM Appendix C ("C&W-wb": 5000 / 10000 i
 (initial constant 1.0, Adam learning rate 0.01, abort early). Pang et al. attack a random
 target class (:func:`advdefense.attacks.jsma.random_targets`) and, in their code, the median
 KDE density of the target class as the threshold; pass ``targets`` and ``threshold`` to do so.
-Two additions of ours for samples that stay stuck (``class_weight`` on the class hinge, a
-``guide`` detector that leads phase 2): see the class and its ``__call__``.
+Three additions of ours for samples that stay stuck (``class_weight`` on the class hinge, a
+``guide`` detector that leads phase 2, ``starts`` where phase 2 begins): see the class and its
+``__call__``.
 
 :class:`OrthogonalPGD` -- Bryniarski et al. 2022, "Evading adversarial example detectors"
 (ICLR 2022), and their released code: fixed-epsilon PGD (L-inf or L2) that, per sample
@@ -433,6 +434,7 @@ class CarliniWagnerDetectorAttack:
         threshold: float | torch.Tensor | None = None,
         guide: Detector | None = None,
         guide_threshold: float | torch.Tensor | None = None,
+        starts: torch.Tensor | None = None,
         progress: bool = False,
     ) -> DetectorAttackResult:
         """Attack ``images`` (true ``labels``); untargeted unless ``targets`` are given.
@@ -445,6 +447,11 @@ class CarliniWagnerDetectorAttack:
         detector's alone. A smoother KDE (``KDEDetector.with_bandwidth``) so leads the
         iterate past the local modes that a narrow KDE has at isolated support points, whose
         pull would otherwise hold it there.
+        ``starts``: where phase 2 begins instead of at phase 1's adversarials (phase 1 is
+        skipped), e.g. images of the target class that the detector accepts. Phase 2 then
+        draws them towards the originals while its penalties hold both conditions, so no
+        local mode far from a success can hold the iterate; a start that already succeeds
+        is the first best adversarial.
         ``progress`` shows a bar over both phases' optimization steps (tens of thousands at
         the defaults).
         """
@@ -460,11 +467,20 @@ class CarliniWagnerDetectorAttack:
             )
         elif guide_threshold is not None:
             raise InputError("guide_threshold was given without a guide; pass guide=...")
+        if starts is not None:
+            check_images(starts, "starts")
+            if starts.shape != images.shape:
+                raise InputError(
+                    f"starts must have the shape of images {tuple(images.shape)}, "
+                    f"got {tuple(starts.shape)}"
+                )
+            starts = starts.detach().to(images.device, images.dtype)
         targeted = targets is not None
         classes = (targets if targets is not None else labels).to(images.device)
         images = images.detach()
+        first_phase = 0 if starts is not None else self.classifier_steps
         total = (
-            self.classifier_steps * self.classifier_binary_search_steps
+            first_phase * self.classifier_binary_search_steps
             + self.steps * self.binary_search_steps
         )
         with (
@@ -474,7 +490,7 @@ class CarliniWagnerDetectorAttack:
         ):
             _check_differentiable(detector, images)
             search = self._run(
-                classifier, detector, images, classes, thresholds, targeted, guidance, bar
+                classifier, detector, images, classes, thresholds, targeted, guidance, starts, bar
             )
         succeeded = _rows(torch.isfinite(search.best_distance), images)
         adversarials = torch.where(succeeded, search.best, search.fallback)
@@ -492,29 +508,23 @@ class CarliniWagnerDetectorAttack:
         thresholds: torch.Tensor,
         targeted: bool,
         guidance: tuple[Detector, torch.Tensor] | None,
+        starts: torch.Tensor | None,
         bar: tqdm[Any],
     ) -> _Search:
         count = images.shape[0]
         infinite = torch.full((count,), math.inf, dtype=torch.float64, device=images.device)
-        plain = _Search(images.clone(), infinite.clone(), images.clone(), infinite.clone())
-        if self.classifier_steps > 0:
-            first = _Phase(
-                self.classifier_steps,
-                self.classifier_binary_search_steps,
-                self.classifier_learning_rate,
-                self.classifier_initial_const,
-            )
-            self._phase(classifier, images, images, classes, first, plain, targeted, None, bar)
-        start = plain.best
+        if starts is None:
+            start, reached = self._first_phase(classifier, images, classes, targeted, bar)
+        else:
+            start = starts
+            with torch.no_grad():
+                scores = _class_scores(classifier, start)
+            reached = _reaches(scores, classes, targeted=targeted, margin=self.confidence)
         with torch.no_grad():
-            evades = torch.isfinite(plain.best_distance) & (
-                detector.score(start).to(torch.float64) <= thresholds
-            )
+            evades = reached & (detector.score(start).to(torch.float64) <= thresholds)
+            distance = (start - images).flatten(1).pow(2).sum(1).to(torch.float64)
         search = _Search(
-            start.clone(),
-            torch.where(evades, plain.best_distance, infinite),
-            start.clone(),
-            infinite.clone(),
+            start.clone(), torch.where(evades, distance, infinite), start.clone(), infinite.clone()
         )
 
         scored = classes if targeted and self.detector_class == "target" else None
@@ -541,6 +551,29 @@ class CarliniWagnerDetectorAttack:
         )
         self._phase(classifier, images, start, classes, second, search, targeted, excess, bar)
         return search
+
+    def _first_phase(
+        self,
+        classifier: nn.Module,
+        images: torch.Tensor,
+        classes: torch.Tensor,
+        targeted: bool,
+        bar: tqdm[Any],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phase 1, plain C&W L2: its best adversarials (the originals where it failed) and
+        which samples reached the class condition."""
+        count = images.shape[0]
+        infinite = torch.full((count,), math.inf, dtype=torch.float64, device=images.device)
+        plain = _Search(images.clone(), infinite.clone(), images.clone(), infinite.clone())
+        if self.classifier_steps > 0:
+            first = _Phase(
+                self.classifier_steps,
+                self.classifier_binary_search_steps,
+                self.classifier_learning_rate,
+                self.classifier_initial_const,
+            )
+            self._phase(classifier, images, images, classes, first, plain, targeted, None, bar)
+        return plain.best, torch.isfinite(plain.best_distance)
 
     def _phase(
         self,
