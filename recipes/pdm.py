@@ -158,7 +158,7 @@ ATTACK_BATCH = 100
 WHITE_BOX_BATCH = 10
 WHITE_BOX_ATTACK = CarliniWagnerDetectorAttack()  # Appendix C's C&W-wb (class defaults)
 WhiteBoxGuide = Literal["smoothed", "dense-support"]
-WHITE_BOX_ROUNDS = 6  # rounds 0-2: phase 2's constant x1,000 per round; 3-5: guided
+WHITE_BOX_ROUNDS = 6  # rounds 0-2: phase 2's constant x1,000 per round; 3-5: our own (below)
 WHITE_BOX_GUIDED_ROUND = 3
 # The guided rounds' fixes for the two traps measured on mnist-sample: RCE's digit 3 fell out of
 # the target class whenever its KDE term (hundreds of nats) pulled harder than the class hinge,
