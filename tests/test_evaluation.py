@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -693,6 +694,36 @@ def test_partial_report_of_an_unfinished_run(tmp_path: Path) -> None:
     # resuming completes it
     _evaluate_bright(tmp_path)
     assert set(load_run(tmp_path).summaries[0].attacks) == {"fgsm", "l2-deepfool"}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mode", ["minimal", "fixed"])
+def test_a_finished_model_whose_records_are_gone(tmp_path: Path, mode: str) -> None:
+    """A fresh checkout keeps run.json but not the records: partial reports leave the model out."""
+    images, labels = _data()
+    extra: dict[str, Any] = {"norm": "linf", "epsilon": 0.1} if mode == "fixed" else {}
+    arguments = (images, labels, DETERMINISTIC, _config(mode, **extra), tmp_path)
+    evaluate_models({"b": Brightness().eval()}, *arguments, progress=False)
+    expected = _without_timings(load_run(tmp_path).summaries)
+    (tmp_path / "records.jsonl").unlink()
+    with pytest.raises(UserError, match="missing"):
+        load_run(tmp_path)
+    with pytest.warns(UserWarning, match="b left out of the partial report"):
+        assert load_run(tmp_path, partial=True).summaries == []
+    evaluate_models({"b": Brightness().eval()}, *arguments, progress=False)  # restores it
+    assert _without_timings(load_run(tmp_path).summaries) == expected
+
+
+def _without_timings(value: Any) -> Any:
+    """``value`` as plain data (dataclasses included) with every wall-time field dropped."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _without_timings(v) for k, v in value.items() if "seconds" not in k}
+    if isinstance(value, list | tuple):
+        return [_without_timings(item) for item in value]
+    return value
 
 
 def test_markdown_helpers() -> None:

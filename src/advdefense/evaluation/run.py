@@ -269,11 +269,9 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
                     allow_partial=partial,
                 )
             except UserError as error:
-                if not incomplete:
+                if not partial:
                     raise
-                warnings.warn(
-                    f"{name} left out of the partial report of {run_dir}: {error}", stacklevel=2
-                )
+                _leave_out(name, run_dir, error)
                 continue
             if entry.get("detection"):
                 summary.detection.extend(summarize_detection(entry["detection"]))
@@ -281,8 +279,8 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
             summaries.append(summary)
         else:
             assert config.norm is not None and config.epsilon is not None
-            summaries.append(
-                summarize_fixed(
+            try:
+                fixed = summarize_fixed(
                     store,
                     entry["keys"],
                     model=name,
@@ -291,8 +289,19 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
                     norm=config.norm,
                     epsilon=config.epsilon,
                 )
-            )
+            except UserError as error:
+                if not partial:
+                    raise
+                _leave_out(name, run_dir, error)
+                continue
+            summaries.append(fixed)
     return RunResult(run_dir, config, summaries, payload.get("provenance", {}))
+
+
+def _leave_out(name: str, run_dir: Path, error: UserError) -> None:
+    """Warn that a partial report omits ``name``: unfinished, or its records are gone (a fresh
+    checkout keeps ``run.json`` but not the records); rerunning its evaluation restores it."""
+    warnings.warn(f"{name} left out of the partial report of {run_dir}: {error}", stacklevel=3)
 
 
 def first_indices(n: int, available: int, indices_file: Path | None = None) -> tuple[int, ...]:
