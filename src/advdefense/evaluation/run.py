@@ -248,60 +248,59 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserError(f"{run_file} is not an advdefense run file ({error})") from None
     store = ResultStore(run_dir, writable=False)
-    thresholds = config.norm_thresholds()
     summaries: list[ModelSummary | FixedSummary] = []
     for name, entry in payload["models"].items():
-        if config.mode == "minimal":
-            incomplete = not entry.get("complete", True)
-            if incomplete and not partial:
-                raise UserError(
-                    f"the evaluation of {name} in {run_dir} has not finished; rerun its command "
-                    "to resume, or pass --partial to report what is done"
-                )
-            try:
-                summary = summarize_minimal(
-                    store,
-                    entry["keys"],
-                    model=name,
-                    indices=config.indices,
-                    thresholds=thresholds,
-                    planned=entry.get("attacks") or (),
-                    allow_partial=partial,
-                )
-            except UserError as error:
-                if not partial:
-                    raise
-                _leave_out(name, run_dir, error)
-                continue
-            if entry.get("detection"):
-                summary.detection.extend(summarize_detection(entry["detection"]))
-            summary.flags.extend([*entry["flags"], *result_flags(summary)])
-            summaries.append(summary)
-        else:
-            assert config.norm is not None and config.epsilon is not None
-            try:
-                fixed = summarize_fixed(
-                    store,
-                    entry["keys"],
-                    model=name,
-                    indices=config.indices,
-                    clean_correct=entry["clean_correct"],
-                    norm=config.norm,
-                    epsilon=config.epsilon,
-                )
-            except UserError as error:
-                if not partial:
-                    raise
-                _leave_out(name, run_dir, error)
-                continue
-            summaries.append(fixed)
+        try:
+            summaries.append(_summarize_model(store, config, run_dir, name, entry, partial))
+        except UserError as error:
+            if not partial:
+                raise
+            # unfinished, or its records are gone (a fresh checkout keeps run.json, not the
+            # records): rerunning its evaluation restores it
+            warnings.warn(
+                f"{name} left out of the partial report of {run_dir}: {error}", stacklevel=2
+            )
     return RunResult(run_dir, config, summaries, payload.get("provenance", {}))
 
 
-def _leave_out(name: str, run_dir: Path, error: UserError) -> None:
-    """Warn that a partial report omits ``name``: unfinished, or its records are gone (a fresh
-    checkout keeps ``run.json`` but not the records); rerunning its evaluation restores it."""
-    warnings.warn(f"{name} left out of the partial report of {run_dir}: {error}", stacklevel=3)
+def _summarize_model(
+    store: ResultStore,
+    config: RunConfig,
+    run_dir: Path,
+    name: str,
+    entry: dict[str, Any],
+    partial: bool,
+) -> ModelSummary | FixedSummary:
+    """One model's summary from its ``run.json`` entry and the records (UserError if missing)."""
+    if config.mode == "fixed":
+        assert config.norm is not None and config.epsilon is not None
+        return summarize_fixed(
+            store,
+            entry["keys"],
+            model=name,
+            indices=config.indices,
+            clean_correct=entry["clean_correct"],
+            norm=config.norm,
+            epsilon=config.epsilon,
+        )
+    if not entry.get("complete", True) and not partial:
+        raise UserError(
+            f"the evaluation of {name} in {run_dir} has not finished; rerun its command "
+            "to resume, or pass --partial to report what is done"
+        )
+    summary = summarize_minimal(
+        store,
+        entry["keys"],
+        model=name,
+        indices=config.indices,
+        thresholds=config.norm_thresholds(),
+        planned=entry.get("attacks") or (),
+        allow_partial=partial,
+    )
+    if entry.get("detection"):
+        summary.detection.extend(summarize_detection(entry["detection"]))
+    summary.flags.extend([*entry["flags"], *result_flags(summary)])
+    return summary
 
 
 def first_indices(n: int, available: int, indices_file: Path | None = None) -> tuple[int, ...]:
