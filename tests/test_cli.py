@@ -215,16 +215,24 @@ def test_train_evaluate_report_round_trip(
     assert code == 2 and "holds a AbsCNN, not a Detector" in err
 
 
+PDM_WEIGHTS = ["--arch", "resnet8", "--classification-weight", "2", "--siamese-weight", "0.1"]
+
+
 @pytest.mark.parametrize(
-    ("architecture", "extra"),
+    ("architecture", "extra", "recorded"),
     [
-        ("madry", ["--pgd-steps", "2", "--pgd-epsilon", "0.1"]),
-        ("dim", ["--denoiser-epochs", "1"]),
-        ("dn-singleim", []),
+        ("madry", ["--pgd-steps", "2", "--pgd-epsilon", "0.1"], {}),
+        ("dim", ["--denoiser-epochs", "1"], {"denoiser_epochs": 1}),
+        ("dn-singleim", [], {}),
+        ("pdm", PDM_WEIGHTS, {"classification_weight": 2.0, "siamese_weight": 0.1}),
     ],
 )
 def test_train_other_architectures(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, architecture: str, extra: list[str]
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    architecture: str,
+    extra: list[str],
+    recorded: dict[str, float],
 ) -> None:
     code, _, err = _run(
         capsys,
@@ -243,9 +251,10 @@ def test_train_other_architectures(
     )
     assert code == 0, err
     config = json.loads((tmp_path / "m" / "config.json").read_text())
-    expected = {"madry": "madry-cnn", "dim": "dim", "dn-singleim": "dn-singleim"}[architecture]
-    assert config["architecture"] == expected
+    expected = {"madry": "madry-cnn", "dim": "dim", "dn-singleim": "dn-singleim", "pdm": "resnet"}
+    assert config["architecture"] == expected[architecture]
     assert config["training"]["train_samples"] == 128
+    assert {key: config["training"][key] for key in recorded} == recorded
     model = advdefense.load(tmp_path / "m")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -587,3 +588,36 @@ def test_each_loss_trains_and_is_seeded(loss: str) -> None:
         states.append(model.state_dict())
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key])
+
+
+def test_warmup_trains_the_classification_term_alone_first() -> None:
+    with pytest.raises(InputError, match="warmup_epochs"):
+        PDMTrainingConfig(epochs=3, warmup_epochs=3)
+    with pytest.raises(InputError, match="warmup_epochs"):
+        PDMTrainingConfig(warmup_epochs=-1)
+    config = PDMTrainingConfig(epochs=3, warmup_epochs=2, siamese_weight=0.5)
+    assert config.for_epoch(2).siamese_weight == 0 and config.for_epoch(2).variance_weight == 0
+    assert config.for_epoch(3) is config
+
+    # One warm-up epoch of a two-epoch run is the same as one epoch without the pair terms: the
+    # partner draws and the learning rate (no milestone passed yet) are identical.
+    images, labels = _clustered_images(48, seed=0)
+    common = {"loss": "pdm", "batch_size": 12, "learning_rate": 0.05, "seed": 3}
+    warm = PDMTrainingConfig(epochs=2, warmup_epochs=1, lr_milestones=(0.9,), **common)
+    plain = PDMTrainingConfig(
+        epochs=1, siamese_weight=0.0, variance_weight=0.0, lr_milestones=(0.9,), **common
+    )
+
+    def trained(config: PDMTrainingConfig) -> tuple[ResNet, list[PDMEpochRecord]]:
+        model = build_resnet("resnet8", "pdm", in_channels=1, num_classes=3, seed=3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a tiny run may end near chance
+            model, history = train_pdm(model, images, labels, config, progress=False)
+        return model, [r for r in history.epochs if isinstance(r, PDMEpochRecord)]
+
+    _, warm_records = trained(warm)
+    _, plain_records = trained(plain)
+    assert warm_records[0].loss == pytest.approx(plain_records[0].loss, rel=1e-6)
+    # After the warm-up the pair terms count: the total exceeds the classification term.
+    second = warm_records[1]
+    assert second.loss > second.classification_loss + 0.1 * second.siamese_loss

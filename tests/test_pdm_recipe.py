@@ -456,6 +456,36 @@ def test_colour_images_take_the_same_path(tmp_path: Path, monkeypatch: pytest.Mo
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_pair_model_trained_with_other_term_weights_is_retrained(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe()
+    _tiny(recipe, monkeypatch)
+    monkeypatch.setattr(recipe, "EPOCHS", {DATASET: 1})
+    setting = recipe.Setting(
+        DATASET, tmp_path, recipe.load_splits(DATASET), 12, 0, False, torch.device("cpu")
+    )
+    recipe._classifier(setting, "pdm")
+    training = json.loads((tmp_path / "models" / "pdm" / "config.json").read_text())["training"]
+    assert (training["siamese_weight"], training["variance_weight"]) == (
+        1.0,
+        recipe.VARIANCE_WEIGHT,
+    )
+    capsys.readouterr()
+    recipe._classifier(setting, "pdm")  # as the recipe wants it: loaded, not retrained
+    assert "retraining" not in capsys.readouterr().out
+
+    monkeypatch.setattr(recipe, "PAIR_WEIGHTS", {DATASET: recipe.PairWeights(siamese=0.5)})
+    recipe._classifier(setting, "pdm")
+    assert "trained with siamese_weight=1.0, the recipe trains with siamese_weight=0.5" in (
+        capsys.readouterr().out
+    )
+    training = json.loads((tmp_path / "models" / "pdm" / "config.json").read_text())["training"]
+    assert training["siamese_weight"] == 0.5
+    assert recipe.training_choices(DATASET, "ce")["siamese_weight"] == 1.0  # CE has no pairs
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
 def test_models_follow_the_epochs_and_interrupted_training_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -484,7 +514,7 @@ def test_models_follow_the_epochs_and_interrupted_training_resumes(
     monkeypatch.setattr(recipe.EpochCheckpoint, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         recipe._classifier(setting, "ce")
-    assert "trained for 4 epochs, the recipe trains 3" in capsys.readouterr().out
+    assert "trained with epochs=4, the recipe trains with epochs=3" in capsys.readouterr().out
     state = tmp_path / "models" / "ce" / "training-state.safetensors"
     assert state.is_file()
     monkeypatch.setattr(recipe.EpochCheckpoint, "save", save)

@@ -138,6 +138,26 @@ def _build_parser() -> argparse.ArgumentParser:
         "ResNet-20 on mnist-sample 1 gave 58.3%% test accuracy and 0.1 gave 98.5%%: see "
         "results/pdm/README.md)",
     )
+    train.add_argument(
+        "--classification-weight",
+        type=float,
+        default=PDMTrainingConfig.classification_weight,
+        help="pdm family: weight of the CE or RCE term (default 1, Algorithm 1)",
+    )
+    train.add_argument(
+        "--siamese-weight",
+        type=float,
+        default=PDMTrainingConfig.siamese_weight,
+        help="siamese-rvl, pdm: weight of the Siamese cosine loss (default 1, Algorithm 1; "
+        "the recipe uses 0.1 on Fashion-MNIST, see results/pdm/README.md)",
+    )
+    train.add_argument(
+        "--warmup-epochs",
+        type=int,
+        default=PDMTrainingConfig.warmup_epochs,
+        help="siamese-rvl, pdm: epochs of the classification loss alone before the Siamese "
+        "and RVL terms join (default 0, Algorithm 1)",
+    )
     train.add_argument("--n-train", type=int, help="train on the first N samples only")
     train.add_argument(
         "--denoiser-epochs", type=int, help="DIM family: denoiser epochs (default: --epochs)"
@@ -318,6 +338,9 @@ def _train(args: argparse.Namespace) -> None:
         arch=args.arch,
         weight_decay=args.weight_decay,
         variance_weight=args.variance_weight,
+        classification_weight=args.classification_weight,
+        siamese_weight=args.siamese_weight,
+        warmup_epochs=args.warmup_epochs,
         pgd=PGDConfig(epsilon=args.pgd_epsilon, steps=args.pgd_steps, step_size=args.pgd_step_size),
         checkpoint=EpochCheckpoint(Path(args.out)),
     )

@@ -54,6 +54,9 @@ class TrainOptions:
     arch: str = "resnet20"
     weight_decay: float = PDMTrainingConfig.weight_decay
     variance_weight: float = PDMTrainingConfig.variance_weight
+    classification_weight: float = PDMTrainingConfig.classification_weight
+    siamese_weight: float = PDMTrainingConfig.siamese_weight
+    warmup_epochs: int = PDMTrainingConfig.warmup_epochs
     checkpoint: EpochCheckpoint | None = None
     """Per-epoch resumable state (cnn, madry and the PDM family; DIM trains in one go)."""
 
@@ -154,6 +157,9 @@ def _train_pdm_family(
         learning_rate=options.learning_rate,
         weight_decay=options.weight_decay,
         variance_weight=options.variance_weight,
+        classification_weight=options.classification_weight,
+        siamese_weight=options.siamese_weight,
+        warmup_epochs=options.warmup_epochs,
         seed=options.seed,
     )
     model, history = train_pdm(
