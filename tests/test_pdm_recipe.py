@@ -237,8 +237,21 @@ def test_recipe_runs_every_stage_then_resumes(
         return attack_batch(*args, guide=guide, starts=starts)
 
     monkeypatch.setattr(recipe, "_attack_batch", recorded)
+    stages: list[str] = []
+    stage = recipe._stage
+
+    def recorded_stage(name: str, *args: Any) -> Any:
+        stages.append(name)
+        return stage(name, *args)
+
+    monkeypatch.setattr(recipe, "_stage", recorded_stage)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    # the first C&W-wb batches, then C&W-hc + JSMA and the black-box stage, then the rest
+    first_strong = stages.index("graybox-strong")
+    assert stages[:first_strong].count("whitebox") == recipe.WHITE_BOX_FIRST_BATCHES * 2
+    assert stages.index("blackbox") < len(stages) - stages[::-1].index("whitebox")
+    assert stages[-1] == "whitebox"
     # white-box batches alternate between the models, each batch with its retry rounds
     switch = next(k for k, model in enumerate(attacked) if model != attacked[0])
     assert len(attacked) >= 4 and 1 <= switch <= recipe.WHITE_BOX_ROUNDS
