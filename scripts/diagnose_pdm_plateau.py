@@ -31,12 +31,16 @@ from advdefense.data import load_dataset
 from advdefense.defenses.losses import sample_siamese_partners
 from advdefense.nn.resnet import ResNet
 from advdefense.training.pdm import (
+    LOSSES,
     PDMEpochRecord,
     PDMTrainingConfig,
     build_resnet,
     pdm_objective,
     train_pdm,
 )
+
+RECIPE_VARIANCE_WEIGHT = 0.1  # recipes/pdm.py's VARIANCE_WEIGHT (a test keeps them equal)
+LOSSES_WITH_PAIRS = tuple(loss for loss in LOSSES if PDMTrainingConfig(loss=loss).uses_pairs)
 
 KEYS = {
     "classification": "classification_weight",
@@ -54,7 +58,7 @@ def parse_variant(text: str, epochs: int, seed: int) -> PDMTrainingConfig:
         "loss": loss,
         "epochs": epochs,
         "seed": seed,
-        "variance_weight": 0.1 if loss in ("pdm", "siamese-rvl") else 1.0,
+        "variance_weight": RECIPE_VARIANCE_WEIGHT if loss in LOSSES_WITH_PAIRS else 1.0,
     }
     for option in filter(None, options.split(",")):
         key, _, value = option.partition("=")

@@ -543,3 +543,15 @@ def test_models_follow_the_epochs_and_interrupted_training_resumes(
     expected = recipe._classifier(dataclasses.replace(setting, directory=fresh), "ce")
     for key, value in expected.state_dict().items():
         assert torch.equal(resumed.state_dict()[key], value), key
+
+
+def test_the_plateau_diagnosis_script_uses_the_recipes_rvl_weight() -> None:
+    spec = importlib.util.spec_from_file_location(
+        "diagnose_pdm_plateau", RECIPES.parent / "scripts" / "diagnose_pdm_plateau.py"
+    )
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    recipe = _recipe()
+    assert script.RECIPE_VARIANCE_WEIGHT == recipe.VARIANCE_WEIGHT
+    assert script.LOSSES_WITH_PAIRS == recipe.PAIR_LOSSES
