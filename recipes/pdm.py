@@ -532,6 +532,7 @@ def _calibrate_and_save(
         "bandwidth_samples": int(setting.splits.bandwidth.images.shape[0]),
     }
     summary.update({key: record[key] for key in ("bandwidth", "ridge") if key in record})
+    summary["fingerprint"] = model_fingerprint(detector)  # what the attack caches are keyed by
     advdefense.save(detector, setting.models_dir / name, dataset=setting.dataset, seed=setting.seed)
     _write_json(setting.run_dir("detectors") / f"{name}.json", summary)
 
@@ -1456,7 +1457,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         "values) over the successes (the paper's Table 3 scale). AUC after attack: KDE AUC of "
         "the misclassified adversarials against all attacked clean images; at most about 0.5 "
         f"means the attack breaches detection. {_paper_heading(dataset)}.",
-        *_stale_note(rows),
+        *_freshness_notes(rows),
         "",
         "## Adaptive attacks (ours): robust accuracy with the KDE reject option at 5% FPR",
         "",
@@ -1483,7 +1484,7 @@ def render_table3(directory: Path, dataset: str) -> str:
         "calibrated at 5% FPR on held-out clean data). Orthogonal PGD and Selective PGD "
         f"(Bryniarski et al. 2022), {ADAPTIVE_STEPS} steps, step size ε / 8, margin loss; "
         "worst case: robust against both. The gray-box numbers of Table 2 do not bound this.",
-        *_stale_note(adaptive_rows),
+        *_freshness_notes(adaptive_rows),
     ]
     return "\n".join(lines) + "\n"
 
@@ -1496,25 +1497,42 @@ STALE_NOTE = (
     "(stale): computed on earlier weights of that model (it was retrained since); the next "
     "`advdefense reproduce pdm` run of the model recomputes the row."
 )
+UNVERIFIED_NOTE = (
+    "(unverified): this checkout has neither the model's weights nor a fingerprint of its "
+    "detector in `runs/detectors/`, so whether the row was computed on the current weights is "
+    "unknown; the next `advdefense reproduce pdm` run of the model settles it."
+)
 
 
-def _is_stale(directory: Path, name: str, state: Mapping[str, Any]) -> bool:
-    """Whether the cached attack ``state`` was computed on other weights than the saved model
-    ``name``'s KDE detector guards (e.g. before a retraining); the recipe redoes such a cache
-    on its next run (its fingerprint differs), the tables mark it until then."""
+def _freshness(directory: Path, name: str, state: Mapping[str, Any]) -> str:
+    """ "stale" when the cached attack ``state`` was computed on other weights than the KDE
+    detector that guards model ``name`` now (e.g. before a retraining; the recipe redoes such a
+    cache on its next run, its fingerprint differs), "unverified" when that detector is unknown
+    here, else "". The detector is known from the fingerprint that ``runs/detectors/`` records
+    (committed) or, for records from before it did, from the saved weights."""
+    if "fingerprint" not in state:
+        return ""
+    current = _read_json(directory / "runs" / "detectors" / f"{name}-kde.json").get("fingerprint")
     path = directory / "models" / f"{name}-kde"
-    if "fingerprint" not in state or not (path / "config.json").is_file():
-        return False
+    if current is None and (path / "config.json").is_file():
+        current = model_fingerprint(advdefense.load(path))
+    if current is None:
+        return "unverified"
     defended = str(state["fingerprint"]).split("/")[-1]  # C&W caches: "attacker/defended"
-    return defended != model_fingerprint(advdefense.load(path))
+    return "stale" if defended != current else ""
 
 
 def _model_cell(directory: Path, name: str, state: Mapping[str, Any]) -> str:
-    return f"{name} (stale)" if _is_stale(directory, name, state) else name
+    freshness = _freshness(directory, name, state)
+    return f"{name} ({freshness})" if freshness else name
 
 
-def _stale_note(rows: Sequence[Sequence[str]]) -> list[str]:
-    return ["", STALE_NOTE] if any(row[0].endswith("(stale)") for row in rows) else []
+def _freshness_notes(rows: Sequence[Sequence[str]]) -> list[str]:
+    lines: list[str] = []
+    for marker, note in (("(stale)", STALE_NOTE), ("(unverified)", UNVERIFIED_NOTE)):
+        if any(row[0].endswith(marker) for row in rows):
+            lines += ["", note]
+    return lines
 
 
 def _adaptive_rows(directory: Path) -> list[list[str]]:
@@ -1611,7 +1629,7 @@ def render_table4(directory: Path, dataset: str) -> str:
         "adversarial fools the defended classifier. AUC: the defended model's KDE, these "
         "adversarials against all attacked clean images. attacked: correctly classified "
         f"among the first min(n, 200) test samples. {_paper_heading(dataset)}.",
-        *_stale_note(rows),
+        *_freshness_notes(rows),
     ]
     return "\n".join(lines) + "\n"
 

@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -14,10 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+import advdefense
 from advdefense.attacks.catalog import AttackEntry, get_attack
 from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack
 from advdefense.attacks.suites import get_suite
 from advdefense.data import LabeledImages, load_dataset
+from advdefense.evaluation.store import model_fingerprint
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DATASET = "mnist-sample"
@@ -419,6 +422,22 @@ def test_recipe_runs_every_stage_then_resumes(
     assert table3.count(recipe.STALE_NOTE) == 2
     table4 = (directory / "table4.md").read_text()
     assert _row(table4, "| ce (stale) |") and recipe.STALE_NOTE in table4
+
+    # the detector's record (committed) carries the fingerprint the caches are checked against,
+    # so the check needs no weights; without either, the rows say they are unverified
+    record_path = directory / "runs" / "detectors" / "ce-kde.json"
+    record = json.loads(record_path.read_text())
+    saved = advdefense.load(directory / "models" / "ce-kde")
+    assert record["fingerprint"] == model_fingerprint(saved)
+    shutil.rmtree(directory / "models" / "ce-kde")
+    recipe.write_tables(directory, DATASET)
+    assert _row((directory / "table3.md").read_text(), "| ce (stale) |")
+    del record["fingerprint"]
+    record_path.write_text(json.dumps(record))
+    recipe.write_tables(directory, DATASET)
+    table3 = (directory / "table3.md").read_text()
+    assert _row(table3, "| ce (unverified) | linf |") and _row(table3, "| pdm | linf |")
+    assert recipe.UNVERIFIED_NOTE in table3 and recipe.STALE_NOTE not in table3
 
 
 def test_recipe_rejects_unknown_names(tmp_path: Path) -> None:
