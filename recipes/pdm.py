@@ -1505,11 +1505,12 @@ UNVERIFIED_NOTE = (
 
 
 def _freshness(directory: Path, name: str, state: Mapping[str, Any]) -> str:
-    """ "stale" when the cached attack ``state`` was computed on other weights than the KDE
-    detector that guards model ``name`` now (e.g. before a retraining; the recipe redoes such a
-    cache on its next run, its fingerprint differs), "unverified" when that detector is unknown
-    here, else "". The detector is known from the fingerprint that ``runs/detectors/`` records
-    (committed) or, for records from before it did, from the saved weights."""
+    """How the cached attack ``state`` stands against the KDE detector that guards model
+    ``name`` now: "stale" when computed on other weights (e.g. before a retraining; the
+    recipe redoes such a cache on its next run, its fingerprint differs), "unverified" when
+    that detector is unknown here, else "". The detector is known from the fingerprint that
+    ``runs/detectors/`` records (committed) or, for records from before it did, from the
+    saved weights."""
     if "fingerprint" not in state:
         return ""
     current = _read_json(directory / "runs" / "detectors" / f"{name}-kde.json").get("fingerprint")
