@@ -250,10 +250,12 @@ def test_recipe_runs_every_stage_then_resumes(
     monkeypatch.setattr(recipe, "_stage", recorded_stage)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
-    # the first C&W-wb batches, then C&W-hc + JSMA and the black-box stage, then the rest
-    first_strong = stages.index("graybox-strong")
-    assert stages[:first_strong].count("whitebox") == recipe.WHITE_BOX_FIRST_BATCHES * 2
-    assert stages.index("blackbox") < len(stages) - stages[::-1].index("whitebox")
+    # C&W-hc + JSMA, then the first C&W-wb batches, the black-box stage, then the rest
+    last_strong = len(stages) - stages[::-1].index("graybox-strong")
+    assert "whitebox" not in stages[:last_strong]
+    first_blackbox = stages.index("blackbox")
+    assert stages[:first_blackbox].count("whitebox") == recipe.WHITE_BOX_FIRST_BATCHES * 2
+    assert first_blackbox < len(stages) - stages[::-1].index("whitebox")
     assert stages[-1] == "whitebox"
     # white-box batches alternate between the models, each batch with its retry rounds
     switch = next(k for k, model in enumerate(attacked) if model != attacked[0])
