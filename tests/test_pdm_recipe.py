@@ -250,8 +250,12 @@ def test_recipe_runs_every_stage_then_resumes(
     monkeypatch.setattr(recipe, "_stage", recorded_stage)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
-    # C&W-hc + JSMA, then the first C&W-wb batches, the black-box stage, then the rest
-    last_strong = len(stages) - stages[::-1].index("graybox-strong")
+    # JSMA on every model, then C&W-hc on every model, then the first C&W-wb batches, the
+    # black-box stage, then the rest
+    last_jsma = len(stages) - stages[::-1].index("graybox-jsma")
+    assert last_jsma <= stages.index("graybox-cw-hc")
+    last_strong = len(stages) - stages[::-1].index("graybox-cw-hc")
+    assert stages[:last_strong].count("graybox-cw-hc") == len(models)
     assert "whitebox" not in stages[:last_strong]
     first_blackbox = stages.index("blackbox")
     assert stages[:first_blackbox].count("whitebox") == recipe.WHITE_BOX_FIRST_BATCHES * 2
@@ -292,9 +296,19 @@ def test_recipe_runs_every_stage_then_resumes(
     fgsm = json.loads((directory / "runs" / "graybox-linf-0.05" / "run.json").read_text())
     assert fgsm["config"]["grid_points"] == 1 and fgsm["config"]["thresholds"] == {"linf": 0.05}
     assert len(fgsm["config"]["indices"]) == 12
-    strong = json.loads((directory / "runs" / "graybox-strong" / "run.json").read_text())
+    strong = json.loads((directory / "runs" / "graybox-cw-hc" / "run.json").read_text())
     assert len(strong["config"]["indices"]) == 6
-    assert strong["config"]["thresholds"] == {"l0": 784.0, "l2": 28.0}
+    assert strong["config"]["thresholds"] == {"l2": 28.0}
+    jsma = json.loads((directory / "runs" / "graybox-jsma" / "run.json").read_text())
+    assert len(jsma["config"]["indices"]) == 6 and jsma["config"]["thresholds"] == {"l0": 784.0}
+    # a model still being attacked has no detection scores yet: its cells are pending
+    jsma_file = directory / "runs" / "graybox-jsma" / "run.json"
+    finished = jsma_file.read_text()
+    jsma["models"]["ce"].update(complete=False, detection=None)
+    jsma_file.write_text(json.dumps(jsma))
+    assert _row(recipe.render_table2(directory, DATASET), "| JSMA |")[1] == "pending"
+    jsma_file.write_text(finished)
+    assert _row(recipe.render_table2(directory, DATASET), "| JSMA |")[1] != "pending"
     mahalanobis = json.loads((directory / "runs" / "graybox-cw" / "mahalanobis.json").read_text())
     assert set(mahalanobis) == set(models)
 
@@ -377,7 +391,7 @@ def test_recipe_runs_every_stage_then_resumes(
     # a second run loads every model and detector and skips every finished attack
     records = {
         run: (directory / "runs" / run / "records.jsonl").read_text()
-        for run in ("graybox-linf-0.05", "graybox-cw", "graybox-strong")
+        for run in ("graybox-linf-0.05", "graybox-cw", "graybox-jsma", "graybox-cw-hc")
     }
     caches = {name: directory / "runs" / "whitebox" / f"{name}.json" for name in models}
     originals = {name: json.loads(path.read_text()) for name, path in caches.items()}
@@ -479,9 +493,11 @@ def test_colour_images_take_the_same_path(tmp_path: Path, monkeypatch: pytest.Mo
     classifier = recipe._classifier(setting, "pdm")
     assert classifier.config.in_channels == 3 and classifier.config.output == "negated"
     defended = recipe._detectors(setting, "pdm", classifier)
-    strong = next(run for run in recipe.GRAYBOX_RUNS if run.strong)
-    config = recipe._graybox_config(setting, strong, recipe.graybox_entries(strong.attack_ids))
-    assert config.thresholds == {"l0": 768.0, "l2": pytest.approx(math.sqrt(768))}
+    thresholds = {}
+    for strong in recipe.STRONG_GRAYBOX_RUNS:
+        entries = recipe.graybox_entries(strong.attack_ids)
+        thresholds.update(recipe._graybox_config(setting, strong, entries).thresholds)
+    assert thresholds == {"l0": 768.0, "l2": pytest.approx(math.sqrt(768))}
     recipe._adaptive(setting, "pdm", defended)
     adaptive = json.loads((tmp_path / "runs" / "adaptive" / "pdm.json").read_text())
     assert adaptive["attacks"]["orthogonal-linf"]["epsilon"] == pytest.approx(8 / 255)
