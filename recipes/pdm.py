@@ -217,7 +217,7 @@ GRAYBOX_RUNS = (
     ),
     GrayBoxRun("graybox-cw", ("l2-carlini-wagner-10x9",), None, False),
     # the strong runs, each over every model in turn: JSMA takes about a minute per 100 samples
-    # on a CPU core, C&W-hc about two hours, so JSMA's row fills first
+    # on a CPU core, C&W-hc about 85 minutes, so JSMA's row fills first
     GrayBoxRun("graybox-jsma", ("l0-jsma",), None, True),
     GrayBoxRun("graybox-cw-hc", ("l2-carlini-wagner-hc-1000x9",), None, True),
 )
