@@ -25,7 +25,7 @@ kept; where none succeeds, the phase-2 iterate that fools the classifier with th
 detector score is returned (Pang et al.'s fallback), else the phase-1 result, and ``success``
 says which samples succeeded. Defaults: PDM Appendix C ("C&W-wb": 5000 / 10000 iterations and
 3 / 3 binary search steps for phase 1 / phase 2, confidence 0) and Pang et al.'s code
-(initial constant 1.0, Adam learning rate 0.01, abort early). Pang et al. attack a random
+(initial constant 1.0, Adam learning rate 0.01, early abort per sample). Pang et al. attack a random
 target class (:func:`advdefense.attacks.jsma.random_targets`) and, in their code, the median
 KDE density of the target class as the threshold; pass ``targets`` and ``threshold`` to do so.
 Three additions of ours for samples that stay stuck (``class_weight`` on the class hinge, a
@@ -277,8 +277,40 @@ class _Phase:
     class_weight: float = 1.0
 
 
-# candidates -> (class scores, detector term to descend, detector excess)
-_DetectorExcess = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+# (candidates, their rows in the batch) -> (class scores, detector term to descend, excess)
+_DetectorExcess = Callable[
+    [torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+]
+
+_ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults, as in Carlini & Wagner's code
+_ADAM_EPSILON = 1e-8
+_STALL_FACTOR = 0.9999  # C&W's early abort: the loss fell by less than 0.01% since the check
+
+
+class _RowAdam:
+    """Adam on the rows of ``variable`` that are still optimized (torch.optim.Adam's update).
+
+    Rows only ever leave, so every row that steps has stepped at each earlier call and one
+    step count serves them all; a row that leaves keeps its value.
+    """
+
+    def __init__(self, variable: torch.Tensor, learning_rate: float) -> None:
+        self.variable = variable
+        self.learning_rate = learning_rate
+        self.first = torch.zeros_like(variable)
+        self.second = torch.zeros_like(variable)
+        self.count = 0
+
+    def step(self, rows: torch.Tensor, gradient: torch.Tensor) -> None:
+        """One Adam step on ``variable[rows]`` with their ``gradient``."""
+        beta1, beta2 = _ADAM_BETAS
+        self.count += 1
+        first = self.first[rows].lerp_(gradient, 1.0 - beta1)
+        second = self.second[rows].mul_(beta2).addcmul_(gradient, gradient, value=1.0 - beta2)
+        self.first[rows], self.second[rows] = first, second
+        step_size = self.learning_rate / (1.0 - beta1**self.count)
+        denominator = (second.sqrt() / math.sqrt(1.0 - beta2**self.count)).add_(_ADAM_EPSILON)
+        self.variable[rows] = self.variable[rows].addcdiv_(first, denominator, value=-step_size)
 
 
 def _carlini_wagner_phase(
@@ -298,11 +330,16 @@ def _carlini_wagner_phase(
 ) -> None:
     """One C&W L2 binary search from ``start``, updating ``search`` in place.
 
-    ``detector_excess(x)`` gives the class scores, the detector term to descend and the
-    detector's excess ``relu(score(x) - threshold)`` (both float64, N; the term is the excess
-    unless a guide stands in for it), or is None for the plain attack; a success needs the C&W
-    class condition and a zero excess. ``bar`` advances by one per step (by the skipped ones
-    after an early abort).
+    ``detector_excess(x, rows)`` gives the class scores, the detector term to descend and the
+    detector's excess ``relu(score(x) - threshold)`` (both float64) of the candidates ``x`` of
+    the batch's ``rows``, or is None for the plain attack; a success needs the C&W class
+    condition and a zero excess. ``abort_early``: C&W's early abort, per sample. A sample
+    stops when its loss fell by less than 0.01% over the last tenth of the steps and leaves
+    the batch, so later steps cost less. Carlini & Wagner's and Cleverhans' code apply the
+    test to the loss summed over a batch whose size defaults to one, which is this; summed
+    over a larger batch it would keep every sample going until all stall at once. Samples
+    are independent, so a batch gives what each sample would alone. ``bar`` advances by one
+    per step (by the skipped ones once every sample stopped).
     """
     count = images.shape[0]
     device = images.device
@@ -314,49 +351,55 @@ def _carlini_wagner_phase(
     for outer in range(phase.binary_search_steps):
         if phase.binary_search_steps >= 10 and outer == phase.binary_search_steps - 1:
             const = upper_const.clone()  # C&W: the last of many searches retries the bound
-        modifier = torch.zeros_like(origin, requires_grad=True)
-        optimizer = torch.optim.Adam([modifier], lr=phase.learning_rate)
+        modifier = torch.zeros_like(origin)
+        optimizer = _RowAdam(modifier, phase.learning_rate)
         found = torch.zeros(count, dtype=torch.bool, device=device)
         previous = torch.full_like(const, math.inf)
+        rows = torch.arange(count, device=device)
         for step in range(phase.steps):
             with torch.enable_grad():
-                candidates = _to_model_space(origin + modifier, bounds)
+                moved = modifier[rows].requires_grad_(True)
+                candidates = _to_model_space(origin[rows] + moved, bounds)
                 if detector_excess is None:
                     scores = _class_scores(classifier, candidates)
-                    excess = term = torch.zeros_like(const)
+                    excess = term = torch.zeros_like(const[rows])
                 else:
-                    scores, term, excess = detector_excess(candidates)
-                distance = (candidates - images).flatten(1).pow(2).sum(1)
-                own, other = _own(scores, classes), _other_best(scores, classes)
+                    scores, term, excess = detector_excess(candidates, rows)
+                distance = (candidates - images[rows]).flatten(1).pow(2).sum(1)
+                own, other = _own(scores, classes[rows]), _other_best(scores, classes[rows])
                 margin = other - own if targeted else own - other
                 class_loss = (margin + confidence).clamp_min(0.0).to(torch.float64)
                 weighted = phase.class_weight * class_loss + term
-                losses = distance.to(torch.float64) + const * weighted
-                (gradient,) = torch.autograd.grad(losses.sum(), modifier)
+                losses = distance.to(torch.float64) + const[rows] * weighted
+                (gradient,) = torch.autograd.grad(losses.sum(), moved)
             with torch.no_grad():
-                reached = _reaches(scores.detach(), classes, targeted=targeted, margin=confidence)
+                reached = _reaches(
+                    scores.detach(), classes[rows], targeted=targeted, margin=confidence
+                )
                 excess = excess.detach()
                 success = reached & (excess <= 0.0)
-                found |= success
+                found[rows[success]] = True
                 size = distance.detach().to(torch.float64)
-                improved = success & (size < search.best_distance)
-                search.best[improved] = candidates.detach()[improved]
-                search.best_distance[improved] = size[improved]
+                improved = success & (size < search.best_distance[rows])
+                search.best[rows[improved]] = candidates.detach()[improved]
+                search.best_distance[rows[improved]] = size[improved]
                 if detector_excess is not None:
-                    closer = reached & (excess < search.fallback_excess)
-                    search.fallback[closer] = candidates.detach()[closer]
-                    search.fallback_excess[closer] = excess[closer]
+                    closer = reached & (excess < search.fallback_excess[rows])
+                    search.fallback[rows[closer]] = candidates.detach()[closer]
+                    search.fallback_excess[rows[closer]] = excess[closer]
                 if bar is not None:
                     bar.update(1)
+                going = torch.ones_like(success)
                 if abort_early and step % check_every == 0:
                     current = losses.detach()
-                    if bool((current > previous * 0.9999).all()):
+                    going = ~(current > previous[rows] * _STALL_FACTOR)
+                    previous[rows] = current
+                    if not bool(going.any()):
                         if bar is not None:
                             bar.update(phase.steps - step - 1)
                         break
-                    previous = current
-            modifier.grad = gradient
-            optimizer.step()
+                rows, gradient = rows[going], gradient[going]
+                optimizer.step(rows, gradient)
         upper_const = torch.where(found, torch.minimum(upper_const, const), upper_const)
         lower_const = torch.where(found, lower_const, torch.maximum(lower_const, const))
         bisect = upper_const < _NO_UPPER_BOUND / 10
@@ -529,17 +572,22 @@ class CarliniWagnerDetectorAttack:
 
         scored = classes if targeted and self.detector_class == "target" else None
 
-        def excess(candidates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def excess(
+            candidates: torch.Tensor, rows: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            classes_scored = None if scored is None else scored[rows]
             if guidance is None:
-                scores, score = class_scores_and_score(classifier, detector, candidates, scored)
-                own = (score.to(torch.float64) - thresholds).clamp_min(0.0)
+                scores, score = class_scores_and_score(
+                    classifier, detector, candidates, classes_scored
+                )
+                own = (score.to(torch.float64) - thresholds[rows]).clamp_min(0.0)
                 return scores, own, own
             guide, guide_thresholds = guidance
             scores, score, guided = _class_scores_and_guided_scores(
-                classifier, detector, guide, candidates, scored
+                classifier, detector, guide, candidates, classes_scored
             )
-            own = (score.to(torch.float64) - thresholds).clamp_min(0.0)
-            led = (guided.to(torch.float64) - guide_thresholds).clamp_min(0.0)
+            own = (score.to(torch.float64) - thresholds[rows]).clamp_min(0.0)
+            led = (guided.to(torch.float64) - guide_thresholds[rows]).clamp_min(0.0)
             return scores, torch.where(led > 0, led, own), own
 
         second = _Phase(
