@@ -8,13 +8,17 @@ seed 0) ABS CNN, so the printed ratio is measured side by side.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 from advdefense.attacks import get_attack
+from advdefense.attacks.suites import AttackSuite
 from advdefense.data import load_dataset
-from advdefense.evaluation.robustness import evaluate_attack
+from advdefense.evaluation.runner import run_fixed
+from advdefense.evaluation.store import ResultStore
 from advdefense.nn import AbsCNN
 
 
@@ -29,19 +33,25 @@ def main() -> None:
     images, labels = images[: args.n], labels[: args.n]
     print(f"{'attack':<12} {'batch ' + str(args.small):>10} {'batch ' + str(args.n):>10} ratio")
     for attack_id, epsilon in (("fgsm", 0.3), ("l2-deepfool", 1.5)):
+        entry = get_attack(attack_id)
+        suite = AttackSuite(attack_id, "1", (entry,), "batching benchmark")
         seconds = []
         for batch_size in (args.small, args.n):
-            started = time.perf_counter()
-            evaluate_attack(
-                model,
-                images,
-                labels,
-                get_attack(attack_id),
-                [epsilon],
-                batch_size=batch_size,
-                progress=False,
-            )
-            seconds.append(time.perf_counter() - started)
+            with tempfile.TemporaryDirectory() as scratch, ResultStore(Path(scratch)) as store:
+                started = time.perf_counter()
+                run_fixed(
+                    model,
+                    images,
+                    labels,
+                    suite,
+                    store,
+                    model_name="abs-cnn",
+                    norm=entry.norm,
+                    epsilon=epsilon,
+                    batch_size=batch_size,
+                    progress=False,
+                )
+                seconds.append(time.perf_counter() - started)
         print(
             f"{attack_id:<12} {seconds[0]:>9.2f}s {seconds[1]:>9.2f}s "
             f"{seconds[0] / seconds[1]:.1f}x"

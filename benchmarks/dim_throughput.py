@@ -83,7 +83,7 @@ def main() -> None:
     images = load_dataset("mnist-sample", "test").images
     needed = BATCH * BATCHES
     images = images.repeat(-(-needed // images.shape[0]), 1, 1, 1)[:needed]
-    batches = list(images.split(BATCH))
+    batches = list(torch.split(images, BATCH))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), batch {BATCH}")
     predict = _rounds(models, _predict, batches, args.repeats)
     gradient = _rounds(models, _gradient, batches, args.repeats)

@@ -17,6 +17,7 @@ from advdefense.attacks.suites import AttackSuite, get_suite
 from advdefense.declaration import AttackDeclaration, MethodView, declaration_of
 from advdefense.defenses.dim import DIM, BiDIM
 from advdefense.errors import InputError
+from advdefense.evaluation import runner
 from advdefense.evaluation.runner import run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags
 from advdefense.evaluation.store import ResultStore
@@ -149,11 +150,17 @@ def test_refinement_keeps_the_binarized_decision_and_moves_closer() -> None:
     assert torch.allclose(refined[~flipped], images[~flipped])
 
 
-def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path) -> None:
-    images, labels, levels = _levels()
-    suite = AttackSuite("t", "1", (get_attack("linf-pgd"), get_attack("l2-gn")), "test")
-    store = ResultStore(tmp_path)
-    keys = run_minimal(
+def _binary_minimal(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    store: ResultStore,
+    *,
+    grid_points: int,
+    progress: bool,
+) -> list[str]:
+    """``suite`` in minimal mode on the declared binarizing toy defense."""
+    return run_minimal(
         BinarizedBrightness(),
         images,
         labels,
@@ -161,9 +168,16 @@ def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path
         store,
         model_name="binary",
         thresholds={"linf": 0.3, "l2": 1.5},
-        grid_points=6,
-        progress=False,
+        grid_points=grid_points,
+        progress=progress,
     )
+
+
+def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path) -> None:
+    images, labels, levels = _levels()
+    suite = AttackSuite("t", "1", (get_attack("linf-pgd"), get_attack("l2-gn")), "test")
+    store = ResultStore(tmp_path)
+    keys = _binary_minimal(images, labels, suite, store, grid_points=6, progress=False)
     pgd, noise = (store.get(key) for key in keys)
     assert pgd is not None and noise is not None
     assert set(pgd["targets"]) == SURROGATE_NAMES and pgd["error"] is None
@@ -183,6 +197,76 @@ def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path
     assert adversarials is not None
     with torch.no_grad():
         assert (BinarizedBrightness()(adversarials).argmax(1) != labels)[reachable].all()
+
+
+def _recording_tickers(monkeypatch: pytest.MonkeyPatch) -> list[runner._PassTicker]:
+    """The harness's pass tickers, redrawing at every pass, collected as they are made."""
+    made: list[runner._PassTicker] = []
+
+    class Recording(runner._PassTicker):
+        def __init__(self) -> None:
+            super().__init__(interval=0.0)
+            made.append(self)
+
+    monkeypatch.setattr(runner, "_PassTicker", Recording)
+    return made
+
+
+def _undeclared_linf(
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    suite: AttackSuite,
+    store: ResultStore,
+    *,
+    progress: bool,
+) -> list[str]:
+    """``suite``'s L-inf attacks at 0.3 in fixed mode on the toy defense with no declaration."""
+    return run_fixed(
+        BinarizedBrightness(declare=False),
+        images,
+        labels,
+        suite,
+        store,
+        model_name="plain",
+        norm="linf",
+        epsilon=0.3,
+        progress=progress,
+    )
+
+
+def test_attack_bars_count_passes_live_surrogates_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tickers = _recording_tickers(monkeypatch)
+    images, labels, _ = _levels()
+    suite = AttackSuite("t", "1", (get_attack("linf-pgd"),), "test")
+    store = ResultStore(tmp_path)
+    (key,) = _binary_minimal(images, labels, suite, store, grid_points=2, progress=True)
+    record = store.get(key)
+    assert record is not None and set(record["targets"]) == SURROGATE_NAMES
+    (ticker,) = tickers
+    # every pass of the attack is shown, those through the six surrogates included
+    assert ticker.passes == record["forward_calls"] > len(SURROGATE_NAMES)
+    assert ticker._bar is not None
+    assert ticker._bar.postfix == f"linf-pgd, {ticker.passes:,} passes"
+
+
+def test_fixed_mode_bar_counts_passes_per_attack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tickers = _recording_tickers(monkeypatch)
+    images, labels, _ = _levels(6)
+    suite = AttackSuite("t", "1", (get_attack("fgsm"), get_attack("linf-pgd")), "test")
+    store = ResultStore(tmp_path)
+    # no gradient reaches the input: both attacks run on all six
+    fgsm_key, pgd_key = _undeclared_linf(images, labels, suite, store, progress=True)
+    fgsm, pgd = store.get(fgsm_key), store.get(pgd_key)
+    assert fgsm is not None and pgd is not None
+    (ticker,) = tickers
+    # the count starts again with each attack
+    assert ticker.passes == pgd["forward_calls"] > fgsm["forward_calls"]
+    assert ticker._bar is not None
+    assert ticker._bar.postfix == f"linf-pgd, {ticker.passes:,} passes"
 
 
 def test_declared_runs_get_their_own_keys(tmp_path: Path) -> None:
@@ -209,17 +293,7 @@ def test_entries_needing_a_missing_score_view_are_skipped(tmp_path: Path) -> Non
     images, labels, _ = _levels(6)
     suite = AttackSuite("t", "1", (get_attack("linf-internal-all-targets"),), "test")
     store = ResultStore(tmp_path)
-    (key,) = run_fixed(
-        BinarizedBrightness(declare=False),
-        images,
-        labels,
-        suite,
-        store,
-        model_name="plain",
-        norm="linf",
-        epsilon=0.3,
-        progress=False,
-    )
+    (key,) = _undeclared_linf(images, labels, suite, store, progress=False)
     record = store.get(key)
     assert record is not None and not any(record["broken"])
     assert "no score view 'internal-intensity'" in record["error"]

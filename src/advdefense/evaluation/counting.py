@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -9,11 +11,16 @@ __all__ = ["CallCounter"]
 
 
 class CallCounter(nn.Module):
-    """Wraps a classifier and counts batched forward and backward passes through it."""
+    """Wraps a classifier and counts batched forward and backward passes through it.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``on_forward``, when given, is called after each forward pass (e.g. to show an attack's
+    progress live).
+    """
+
+    def __init__(self, model: nn.Module, on_forward: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.model = model
+        self.on_forward = on_forward
         self.forward_calls = 0
         self.backward_calls = 0
         self.training = model.training  # mirrors the model; never changes it
@@ -23,6 +30,8 @@ class CallCounter(nn.Module):
         scores: torch.Tensor = self.model(images)
         if scores.requires_grad:
             scores.register_hook(self._count_backward)  # type: ignore[no-untyped-call]
+        if self.on_forward is not None:
+            self.on_forward()
         return scores
 
     def _count_backward(self, gradient: torch.Tensor) -> None:

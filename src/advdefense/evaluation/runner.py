@@ -237,8 +237,9 @@ def run_minimal(
     context = _context(model, model_name, seed, batch_size, defense_config or {})
     device = device_of(model)
     keys: list[str] = []
+    ticker = _PassTicker()
     with evaluation_mode(model):
-        counter = CallCounter(model)
+        counter = CallCounter(model, ticker)
         foolbox_model = PyTorchModel(counter, bounds=(0.0, 1.0), device=device)
         starts = range(0, images.shape[0], batch_size)
         for start in starts:
@@ -255,7 +256,7 @@ def run_minimal(
                 mininterval=0,  # attacks are few and slow: show each one, skipped ones too
             )
             for entry in bar:
-                bar.set_postfix_str(entry.id)
+                ticker.start(bar, entry.id)
                 grid = _entry_grid(entry, thresholds, grid_points)
                 key = _minimal_key(context, entry, batch_indices, grid)
                 keys_so_far[entry.id] = key
@@ -294,6 +295,34 @@ def run_minimal(
     return keys
 
 
+class _PassTicker:
+    """Shows in a progress bar's postfix how many forward passes the running attack has made.
+
+    One attack on one batch can run for an hour (C&W-hc: 9,000 steps); without this its bar
+    would sit at 0/1 all along. Redrawn at most once per ``interval`` seconds.
+    """
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.passes = 0
+        self._bar: tqdm[Any] | None = None
+        self._label = ""
+        self._shown = 0.0
+
+    def start(self, bar: tqdm[Any], label: str) -> None:
+        """Count from zero for a new attack named ``label``, shown on ``bar``."""
+        self._bar, self._label, self.passes = bar, label, 0
+        self._shown = time.monotonic()
+        bar.set_postfix_str(label)
+
+    def __call__(self) -> None:
+        self.passes += 1
+        now = time.monotonic()
+        if self._bar is not None and now - self._shown >= self.interval:
+            self._shown = now
+            self._bar.set_postfix_str(f"{self._label}, {self.passes:,} passes")
+
+
 @dataclass(frozen=True)
 class _Attacked:
     """Candidate adversarials of one attack on one batch, from every target it ran on."""
@@ -323,7 +352,7 @@ def _attack_targets(
     the entry's score view) yields the clean images and an error saying so.
     """
     declaration = declaration_of(counter.model)
-    targets = attack_targets(entry, declaration, foolbox_model, images.device)
+    targets = attack_targets(entry, declaration, foolbox_model, images.device, counter.on_forward)
     if not targets:
         return _Attacked(
             [(position, images.clone()) for position in range(len(epsilons))],
@@ -464,8 +493,9 @@ def run_fixed(
     device = device_of(model)
     keys: list[str] = []
     position_of = {index: position for position, index in enumerate(indices)}
+    ticker = _PassTicker()
     with evaluation_mode(model):
-        counter = CallCounter(model)
+        counter = CallCounter(model, ticker)
         with torch.no_grad():
             clean_predicted = torch.cat(
                 [
@@ -479,13 +509,15 @@ def run_fixed(
             if int(p) == int(y)
         ]
         foolbox_model = PyTorchModel(counter, bounds=(0.0, 1.0), device=device)
-        for entry in tqdm(
+        bar = tqdm(
             entries,
             desc=f"{model_name} {norm} {epsilon:g}",
             unit="attack",
             disable=not progress,
             leave=False,
-        ):
+        )
+        for entry in bar:
+            ticker.start(bar, entry.id)
             survivors: list[int] = []
             for start in range(0, len(robust), batch_size):
                 batch_indices = robust[start : start + batch_size]

@@ -15,7 +15,7 @@ as close as the paper's "0 or 0.5" and gives the same binarized input).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +47,13 @@ def attack_targets(
     declaration: AttackDeclaration,
     foolbox_model: PyTorchModel,
     device: torch.device,
+    on_forward: Callable[[], None] | None = None,
 ) -> list[AttackTarget]:
-    """The targets ``entry`` runs on (empty: the model lacks the entry's score view)."""
+    """The targets ``entry`` runs on (empty: the model lacks the entry's score view).
+
+    ``on_forward`` is called after each forward pass through a surrogate or view (the model's
+    own passes are counted by the caller's wrapper).
+    """
     modules: Mapping[str, nn.Module]
     if entry.score_view is not None:
         view = declaration.score_views.get(entry.score_view)
@@ -59,7 +64,7 @@ def attack_targets(
         return [AttackTarget(MODEL_TARGET, foolbox_model)]
     targets = []
     for name, module in modules.items():
-        counter = CallCounter(module.eval())
+        counter = CallCounter(module.eval(), on_forward)
         targets.append(
             AttackTarget(name, PyTorchModel(counter, bounds=(0.0, 1.0), device=device), counter)
         )
