@@ -36,12 +36,17 @@ the expensive stages follow model by model (every stage resumable, tables rewrit
    detection", and last in three rounds of our own (:func:`white_box_round`). Reported:
    ``d = mean ||x - x_adv||_2 / sqrt(number of input values)`` over the
    successes, and the AUC. ``WHITE_BOX_BATCH`` samples at a time, taking the models in turn
-   (each batch saved when done), so that every model has results early; after the first
-   ``WHITE_BOX_FIRST_BATCHES`` batches, stage 7 runs before the remaining batches.
+   (each batch saved when done), so that every model has results early.
 7. ``blackbox``: Table 4, a ResNet-32 proxy distilled from the defended model (trained with
    cross-entropy on the defended model's predicted labels of the training images), a KDE
    detector fitted on the proxy, C&W-wb on proxy + proxy KDE, transferred to the defended model;
-   AUC of the defended model's KDE on the samples whose adversarial fools it.
+   AUC of the defended model's KDE on the samples whose adversarial fools it. Batch by batch
+   like stage 6, alternating with it: each model's first white-box batch, then its first
+   black-box batch (after distilling its proxy), then the second of each, and so on, so that
+   Tables 3 and 4 grow together.
+
+``stages`` (``--stages``) runs only some of stages 3-7 (the first two always run, cached), e.g.
+``--stages blackbox`` to fill Table 4 first.
 
 Stages 6 and 7 run for the paper's Table 3/4 columns only (CE, RCE, PDM; ``WHITE_BOX_MODELS``).
 ``<out>/pdm/<dataset>/`` receives ``table1.md`` ... ``table4.md`` (ours next to the paper's
@@ -113,6 +118,7 @@ from advdefense.nn.resnet import ResNet
 from advdefense.training.architectures import TrainOptions, train_architecture
 from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.pdm import PDMTrainingConfig, build_resnet, train_pdm
+from advdefense.validation import check_choices
 
 DEFAULT_N = 1000
 STRONG_N = 200  # C&W-hc, JSMA, adaptive, white-box and black-box samples (at most)
@@ -178,8 +184,7 @@ ADAPTIVE_STEPS = 100
 ATTACK_BATCH = 100
 # C&W-wb runs up to 45,000 Adam steps per batch (hours on a CPU core): small batches, each
 # saved when done, so that an interrupted run loses little and results grow across sessions.
-WHITE_BOX_BATCH = 10
-WHITE_BOX_FIRST_BATCHES = 2  # before the black-box stage (reproduce)
+WHITE_BOX_BATCH = 10  # also the black-box stage's batch
 WHITE_BOX_ATTACK = CarliniWagnerDetectorAttack()  # Appendix C's C&W-wb (class defaults)
 WhiteBoxGuide = Literal["smoothed", "dense-support"]
 WHITE_BOX_ROUNDS = 6  # rounds 0-2: phase 2's constant x1,000 per round; 3-5: our own (below)
@@ -243,6 +248,9 @@ ROW_NAMES = {
     "jsma": "JSMA",
 }
 ADAPTIVE_ATTACKS = ("orthogonal", "selective")
+# Stages 3-7 of the module docstring, in the order they run; ``--stages`` picks among them.
+STAGES = ("graybox", "adaptive", "graybox-jsma", "graybox-cw-hc", "whitebox", "blackbox")
+DETECTOR_ATTACK_STAGES = ("whitebox", "blackbox")  # batch by batch, alternating
 
 
 class Splits(NamedTuple):
@@ -298,18 +306,16 @@ def reproduce(
     n: int | None,
     models: Sequence[str] = MODELS,
     datasets: Sequence[str] | None = None,
+    stages: Sequence[str] = STAGES,
 ) -> None:
-    """Train or load the models, run the seven resumable stages, write the tables.
+    """Train or load the models, run the resumable stages, write the tables.
 
-    ``models`` and ``datasets`` (``--models``, ``--datasets``) restrict the work; tables show
-    what has run. ``n`` (``--n``) is the number of test samples of FGSM, BIM and C&W; the
-    expensive attacks take ``min(n, 200)``.
+    ``models``, ``datasets`` and ``stages`` (``--models``, ``--datasets``, ``--stages``)
+    restrict the work; tables show what has run. ``n`` (``--n``) is the number of test samples
+    of FGSM, BIM and C&W; the expensive attacks take ``min(n, 200)``.
     """
-    unknown = sorted(set(models) - set(MODELS))
-    if unknown:
-        raise UserError(
-            f"unknown model(s) {', '.join(unknown)}; the recipe has {', '.join(MODELS)}"
-        )
+    check_choices(models, MODELS, "model")
+    check_choices(stages, STAGES, "stage")
     if n is not None and n < 1:
         raise UserError(f"--n must be positive, got {n}")
     chosen = [name for name in MODELS if name in models]
@@ -329,35 +335,36 @@ def reproduce(
                 _table1_stats(setting, name, classifier)
             with _stage("detectors", setting, name):
                 defended[name] = _detectors(setting, name, classifier)
-            with _stage("graybox", setting, name):
-                _graybox(setting, name, defended[name], CHEAP_GRAYBOX_RUNS)
-        for name, parts in defended.items():
-            with _stage("adaptive", setting, name):
-                _adaptive(setting, name, parts)
-        # JSMA, then C&W-hc complete Table 2; then every table gets a first result before
-        # Table 3 gets more samples: C&W-wb's first WHITE_BOX_FIRST_BATCHES batches, the
-        # black-box stage, then the rest of C&W-wb (hours per batch on a CPU).
-        for run in STRONG_GRAYBOX_RUNS:
+            if "graybox" in stages:
+                with _stage("graybox", setting, name):
+                    _graybox(setting, name, defended[name], CHEAP_GRAYBOX_RUNS)
+        if "adaptive" in stages:
             for name, parts in defended.items():
-                with _stage(run.name, setting, name):
-                    _graybox(setting, name, parts, (run,))
+                with _stage("adaptive", setting, name):
+                    _adaptive(setting, name, parts)
+        # JSMA, then C&W-hc complete Table 2; then Tables 3 and 4 grow batch by batch.
+        for run in STRONG_GRAYBOX_RUNS:
+            if run.name in stages:
+                for name, parts in defended.items():
+                    with _stage(run.name, setting, name):
+                        _graybox(setting, name, parts, (run,))
         white_box = {name: parts for name, parts in defended.items() if name in WHITE_BOX_MODELS}
-        batch_limits = (*range(1, -(-setting.strong_n // WHITE_BOX_BATCH) + 1), None)
-        _white_box_batches(setting, white_box, batch_limits[:WHITE_BOX_FIRST_BATCHES])
-        for name, parts in white_box.items():
-            with _stage("blackbox", setting, name):
-                _blackbox(setting, name, parts)
-        _white_box_batches(setting, white_box, batch_limits[WHITE_BOX_FIRST_BATCHES:])
+        _detector_attack_batches(
+            setting, white_box, [stage for stage in DETECTOR_ATTACK_STAGES if stage in stages]
+        )
 
 
-def _white_box_batches(
-    setting: Setting, white_box: Mapping[str, Defended], limits: Sequence[int | None]
+def _detector_attack_batches(
+    setting: Setting, white_box: Mapping[str, Defended], stages: Sequence[str]
 ) -> None:
-    """C&W-wb up to each batch limit in turn, taking the models batch by batch."""
-    for batches in limits:
-        for name, parts in white_box.items():
-            with _stage("whitebox", setting, name):
-                _whitebox(setting, name, parts, batch_limit=batches)
+    """Stages 6 and 7 up to each batch limit in turn: per limit, each stage on every model."""
+    batch_limits = (*range(1, -(-setting.strong_n // WHITE_BOX_BATCH) + 1), None)
+    for batches in batch_limits:
+        for stage in stages:
+            attack = _whitebox if stage == "whitebox" else _blackbox
+            for name, parts in white_box.items():
+                with _stage(stage, setting, name):
+                    attack(setting, name, parts, batches)
 
 
 @contextmanager
@@ -1035,8 +1042,11 @@ def _whitebox(
     _detector_attack(setting, path, defended.classifier, defended.kde, defended, batch_limit)
 
 
-def _blackbox(setting: Setting, name: str, defended: Defended) -> None:
-    """Table 4: C&W-wb on a distilled ResNet-32 proxy and its KDE, transferred."""
+def _blackbox(
+    setting: Setting, name: str, defended: Defended, batch_limit: int | None = None
+) -> None:
+    """Table 4: C&W-wb on a distilled ResNet-32 proxy and its KDE, transferred (up to
+    ``batch_limit`` batches)."""
     proxy = _proxy(setting, name, defended.classifier)
     path = setting.models_dir / f"{name}-proxy-kde"
     proxy_kde = _saved_detector(path, proxy, setting.device)
@@ -1044,7 +1054,12 @@ def _blackbox(setting: Setting, name: str, defended: Defended) -> None:
         proxy_kde = _fit_kde(setting, proxy)
         _calibrate_and_save(setting, proxy_kde, path.name, setting.splits.calibration.images)
     state = _detector_attack(
-        setting, setting.run_dir("blackbox") / f"{name}.json", proxy, proxy_kde, defended
+        setting,
+        setting.run_dir("blackbox") / f"{name}.json",
+        proxy,
+        proxy_kde,
+        defended,
+        batch_limit,
     )
     if "proxy" not in state:
         saved = load_config(setting.models_dir / f"{name}-proxy")

@@ -292,23 +292,29 @@ def test_reproduce_lists_and_runs_a_recipe(
     assert (tmp_path / "o" / "done.txt").read_text() == "cpu 4 False 12"
     code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--models", "a")
     assert code == 2 and "takes no --models" in err
+    code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--stages", "a")
+    assert code == 2 and "takes no --stages" in err
 
 
-def test_reproduce_passes_models_and_datasets(
+def test_reproduce_passes_models_datasets_and_stages(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     recipes = tmp_path / "recipes"
     recipes.mkdir()
     (recipes / "picky.py").write_text(
         "from pathlib import Path\n"
-        "def reproduce(out, device, seed, progress, n, models=('x',), datasets=None):\n"
+        "def reproduce(out, device, seed, progress, n, models=('x',), datasets=None,\n"
+        "              stages=('all',)):\n"
         "    Path(out).mkdir(parents=True, exist_ok=True)\n"
-        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets}')\n"
+        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets} {stages}')\n"
     )
     arguments = ("reproduce", "picky", "--recipes", str(recipes), "--out", str(tmp_path / "o"))
     code, _, err = _run(capsys, *arguments, "--models", "dim, bidim", "--datasets", "mnist")
     assert code == 0, err
-    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',)"
+    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',) ('all',)"
+    code, _, err = _run(capsys, *arguments, "--stages", "whitebox,blackbox")
+    assert code == 0, err
+    assert (tmp_path / "o" / "done.txt").read_text() == "('x',) None ('whitebox', 'blackbox')"
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments, "--models", ","])
     assert exit_info.value.code == 2 and "comma-separated" in capsys.readouterr().err

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import math
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,6 +22,7 @@ from advdefense.attacks.catalog import AttackEntry, get_attack
 from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack
 from advdefense.attacks.suites import get_suite
 from advdefense.data import LabeledImages, load_dataset
+from advdefense.errors import UserError
 from advdefense.evaluation.store import model_fingerprint
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -215,6 +218,40 @@ def _refuse(*_: Any, **__: Any) -> Any:
     raise AssertionError("finished work was redone")
 
 
+def test_stages_choose_the_work_and_the_detector_attacks_alternate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _recipe()
+    _tiny(recipe, monkeypatch)  # 6 strong samples, white-box batches of 2
+    ran: list[tuple[str, str]] = []
+    limits: list[int | None] = []
+
+    @contextlib.contextmanager
+    def recorded(stage: str, setting: Any, name: str) -> Iterator[None]:
+        ran.append((stage, name))
+        yield
+
+    monkeypatch.setattr(recipe, "_stage", recorded)
+    for function in ("_classifier", "_table1_stats", "_detectors", "_graybox", "_adaptive"):
+        monkeypatch.setattr(recipe, function, lambda *args: None)
+    for function in ("_whitebox", "_blackbox"):
+        monkeypatch.setattr(recipe, function, lambda *args: limits.append(args[3]))
+    models = ("ce", "rce")
+    arguments = (tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    recipe.reproduce(*arguments, ("blackbox", "adaptive"))
+    always = [(stage, name) for name in models for stage in ("train", "table1", "detectors")]
+    adaptive = [("adaptive", name) for name in models]
+    assert ran == always + adaptive + [("blackbox", name) for name in models] * 4
+    assert limits == [1, 1, 2, 2, 3, 3, None, None]  # batches of 2, then whatever is left
+    ran.clear()
+    recipe.reproduce(*arguments, ("whitebox", "blackbox", "graybox"))
+    graybox = [("graybox", name) for name in models]
+    one_limit = [(stage, name) for stage in ("whitebox", "blackbox") for name in models]
+    assert ran == always[:3] + graybox[:1] + always[3:] + graybox[1:] + one_limit * 4
+    with pytest.raises(UserError, match=r"unknown stage.*choose from graybox, adaptive"):
+        recipe.reproduce(*arguments, ("tables",))
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_recipe_runs_every_stage_then_resumes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -250,17 +287,14 @@ def test_recipe_runs_every_stage_then_resumes(
     monkeypatch.setattr(recipe, "_stage", recorded_stage)
     torch.manual_seed(0)
     recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
-    # JSMA on every model, then C&W-hc on every model, then the first C&W-wb batches, the
-    # black-box stage, then the rest
+    # JSMA on every model, then C&W-hc on every model, then the white-box and black-box
+    # stages batch by batch: per batch limit (3 batches of 2 of the 6 samples, then no
+    # limit), the white-box batch of each model, then the black-box batch of each
     last_jsma = len(stages) - stages[::-1].index("graybox-jsma")
     assert last_jsma <= stages.index("graybox-cw-hc")
     last_strong = len(stages) - stages[::-1].index("graybox-cw-hc")
     assert stages[:last_strong].count("graybox-cw-hc") == len(models)
-    assert "whitebox" not in stages[:last_strong]
-    first_blackbox = stages.index("blackbox")
-    assert stages[:first_blackbox].count("whitebox") == recipe.WHITE_BOX_FIRST_BATCHES * 2
-    assert first_blackbox < len(stages) - stages[::-1].index("whitebox")
-    assert stages[-1] == "whitebox"
+    assert stages[last_strong:] == ["whitebox", "whitebox", "blackbox", "blackbox"] * 4
     # white-box batches alternate between the models, each batch with its retry rounds
     switch = next(k for k, model in enumerate(attacked) if model != attacked[0])
     assert len(attacked) >= 4 and 1 <= switch <= recipe.WHITE_BOX_ROUNDS

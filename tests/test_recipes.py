@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from advdefense.attacks.suites import get_suite
+from advdefense.errors import InputError
 from advdefense.evaluation.run import RunConfig, evaluate_models
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -116,6 +117,22 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["dim_mnist", "cnn_mnist_sample"])
 def test_recipes_define_reproduce(name: str) -> None:
     assert callable(_recipe(name).reproduce)
+
+
+def test_dim_stages_choose_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    recipe = _recipe("dim_mnist")
+    ran: list[tuple[str, str]] = []
+    monkeypatch.setattr(recipe, "_model", lambda *args: nn.Identity())
+    monkeypatch.setattr(recipe, "_latent_figure", lambda *args: None)
+    monkeypatch.setattr(recipe, "_timed", lambda stage, _, name, __: ran.append((stage, name)))
+    arguments = (tmp_path, torch.device("cpu"), 0, False, 10, ("dim", "cnn"), ("mnist-sample",))
+    recipe.reproduce(*arguments, ("dim42", "adaptive"))
+    assert ran == [("adaptive", "dim"), ("adaptive", "cnn"), ("dim42", "dim"), ("dim42", "cnn")]
+    ran.clear()
+    recipe.reproduce(*arguments)  # all three by default
+    assert [stage for stage, _ in ran] == ["quick", "adaptive"] * 2 + ["dim42"] * 2
+    with pytest.raises(InputError, match=r"stage\(s\) table1; choose from quick, adaptive, dim42"):
+        recipe.reproduce(*arguments, ("table1",))
 
 
 @pytest.mark.parametrize(("dataset", "epsilon"), [("mnist-sample", 0.3), ("fashion-mnist", 0.1)])

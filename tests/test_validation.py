@@ -7,6 +7,7 @@ import torch
 
 from advdefense.errors import InputError
 from advdefense.validation import (
+    check_choices,
     check_images,
     check_labels,
     check_positive_int,
@@ -74,3 +75,10 @@ def test_scalar_checks() -> None:
     assert check_probability(0.05, "fpr") == 0.05
     with pytest.raises(ValueError, match="fpr must lie in"):
         check_probability(1.5, "fpr")
+
+
+def test_check_choices_names_the_unknown_and_the_choices() -> None:
+    check_choices(["b", "a"], ("a", "b", "c"), "model")
+    check_choices([], ("a",), "stage")
+    with pytest.raises(InputError, match=r"unknown stage\(s\) x, y; choose from a, b$"):
+        check_choices(["y", "a", "x"], iter(["a", "b"]), "stage")

@@ -279,6 +279,12 @@ def _build_parser() -> argparse.ArgumentParser:
         type=_comma_list,
         help="only these of the recipe's datasets, comma-separated (recipes that take `datasets`)",
     )
+    reproduce.add_argument(
+        "--stages",
+        type=_comma_list,
+        help="only these of the recipe's optional stages, comma-separated (recipes that take "
+        "`stages`; the stages a chosen one needs always run)",
+    )
     _common(reproduce, out_default="results")
     reproduce.set_defaults(handler=_reproduce)
 
@@ -505,7 +511,11 @@ def _reproduce(args: argparse.Namespace) -> None:
         raise UserError(f"recipe {path} defines no reproduce(...) function")
     options = {
         name: value
-        for name, value in (("models", args.models), ("datasets", args.datasets))
+        for name, value in (
+            ("models", args.models),
+            ("datasets", args.datasets),
+            ("stages", args.stages),
+        )
         if value is not None
     }
     accepted = inspect.signature(run).parameters

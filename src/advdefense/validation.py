@@ -7,11 +7,19 @@ stack trace deep inside a model or an attack.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from advdefense.errors import InputError
 
-__all__ = ["check_images", "check_labels", "check_positive_int", "check_probability"]
+__all__ = [
+    "check_choices",
+    "check_images",
+    "check_labels",
+    "check_positive_int",
+    "check_probability",
+]
 
 
 def check_images(
@@ -101,3 +109,11 @@ def check_positive_int(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise InputError(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def check_choices(given: Iterable[str], known: Iterable[str], kind: str) -> None:
+    """Check that every one of ``given`` is among ``known`` (a recipe's models or stages)."""
+    known = tuple(known)
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise InputError(f"unknown {kind}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
