@@ -155,6 +155,43 @@ def test_detector_attack_summary_by_hand() -> None:
     assert recipe.WHITE_BOX_STARTS == (5,)
 
 
+def test_black_box_auc_with_and_without_the_untransferred(tmp_path: Path) -> None:
+    """Table 4's AUC keeps the transferred adversarials (as Table 2 keeps the successful);
+    "AUC, all" scores every proxy adversarial, transferred or not."""
+    recipe = _recipe()
+    batch = {
+        "indices": [0, 1, 2],
+        "labels": [1, 2, 3],
+        "success": [True, True, False],  # sample 2 failed on the proxy: in neither AUC
+        "distances": [2.0, 4.0, 9.0],
+        "predictions": [1, 0, 3],  # sample 0 did not transfer, sample 1 did
+        "clean_scores": [1.0, 2.0, 0.0],
+        "adversarial_scores": [3.0, 1.5, 5.0],
+    }
+    state = {
+        "input_values": 4,
+        "attacked": [0, 1, 2],
+        "clean_scores": [1.0, 2.0, 0.0],
+        "rounds": [{"samples": [0, 1, 2], "batches": {"0": batch}}],
+    }
+    summary = recipe.summarize_detector_attack(state)
+    assert (summary.successes, summary.pairs) == (2, 1)
+    # transferred: 1.5 vs clean 1.0, 2.0, 0.0 -> 2 of 3; all: 3.0 and 1.5 -> (3 + 2) of 6
+    assert summary.auc == pytest.approx(2 / 3)
+    assert summary.auc_all == pytest.approx(5 / 6)
+    untransferred = {**batch, "predictions": [1, 2, 3]}
+    none = recipe.summarize_detector_attack(
+        {**state, "rounds": [{"samples": [0, 1, 2], "batches": {"0": untransferred}}]}
+    )
+    assert none.pairs == 0 and math.isnan(none.auc)
+    assert none.auc_all == pytest.approx(5 / 6)
+    (tmp_path / "runs" / "blackbox").mkdir(parents=True)
+    (tmp_path / "runs" / "blackbox" / "ce.json").write_text(json.dumps(state))
+    table = recipe.render_table4(tmp_path, "fashion-mnist")
+    ce_row = next(line for line in table.splitlines() if line.startswith("| ce"))
+    assert "| 0.667 | 0.833 | 0.880 |" in ce_row
+
+
 def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
     recipe = _recipe()
     recipe.write_tables(tmp_path, "fashion-mnist")
@@ -163,7 +200,7 @@ def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
     assert "paper (mnist; the paper does not evaluate fashion-mnist)" in table1
     assert _row((tmp_path / "table2.md").read_text(), "| JSMA |")[1:4] == ["not run", "0.995", "—"]
     assert _row((tmp_path / "table3.md").read_text(), "| rce |")[5] == "0.104"
-    assert _row((tmp_path / "table4.md").read_text(), "| pdm |")[7] == "0.990"
+    assert _row((tmp_path / "table4.md").read_text(), "| pdm |")[8] == "0.990"
     assert not (tmp_path / "fig2_tsne.png").exists()
 
 
@@ -417,7 +454,7 @@ def test_recipe_runs_every_stage_then_resumes(
     files = list((directory / "runs" / "whitebox" / "adversarials").glob("ce-r*"))
     assert len(files) == sum(len(round_["batches"]) for round_ in whitebox["rounds"])
     table4 = (directory / "table4.md").read_text()
-    assert _row(table4, "| pdm |")[1] != "—" and _row(table4, "| pdm |")[7] == "0.990"
+    assert _row(table4, "| pdm |")[1] != "—" and _row(table4, "| pdm |")[8] == "0.990"
     for name in ("setup.md", "fig2_tsne.png", "fig_roc_graybox.png"):
         assert (directory / name).is_file()
     assert "RVL weighted 0.1" in (directory / "setup.md").read_text()
