@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -61,7 +62,14 @@ from advdefense.evaluation.latent import plot_latent_tsne
 from advdefense.evaluation.markdown import markdown_table, percent_with_interval
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
-from advdefense.evaluation.run import RunConfig, RunResult, evaluate_models, load_run
+from advdefense.evaluation.run import (
+    RunConfig,
+    RunResult,
+    archive_before_resize,
+    evaluate_models,
+    load_run,
+)
+from advdefense.evaluation.store import model_fingerprint
 from advdefense.evaluation.summary import FixedSummary, ModelSummary, broken_at
 from advdefense.modes import device_of
 from advdefense.nn.abs_cnn import AbsCNN
@@ -181,14 +189,27 @@ def _timed(stage: str, setting: Setting, name: str, model: nn.Module) -> None:
 
 
 def _latent_figure(setting: Setting, dim: nn.Module, test: LabeledImages) -> None:
-    """Fig. 3: t-SNE of each internal model's codes of the first 1,000 test images."""
-    path = setting.directory / "fig3_latent_tsne.png"
-    if path.is_file() or not isinstance(dim, InternalModelClassifier):
+    """Fig. 3: t-SNE of each internal model's codes of the first 1,000 test images.
+
+    Beside the figure, ``fig3_latent_tsne.json`` names the model, the test images and the
+    seed it was drawn from; the figure is redrawn whenever one of them changes (a retrained
+    DIM), and kept otherwise (t-SNE of 10 x 1,000 codes takes minutes on a CPU)."""
+    if not isinstance(dim, InternalModelClassifier):
         return
+    path = setting.directory / "fig3_latent_tsne.png"
     images, labels = test.images[:1000], test.labels[:1000]
+    drawn_from = {
+        "model_fingerprint": model_fingerprint(dim),
+        "test_samples": int(labels.numel()),
+        "seed": setting.seed,
+    }
+    record = path.with_suffix(".json")
+    if path.is_file() and record.is_file() and json.loads(record.read_text()) == drawn_from:
+        return
     with torch.no_grad():
         codes = dim.latent_codes(images.to(device_of(dim))).cpu()
     plot_latent_tsne(codes, labels, path, seed=setting.seed)
+    record.write_text(json.dumps(drawn_from, indent=2) + "\n")
     print(f"wrote {path}")
 
 
@@ -302,6 +323,10 @@ def _evaluate(setting: Setting, run: str, config: RunConfig, name: str, model: n
     suite = get_suite(config.suite)
     images, labels = setting.images[: config.n], setting.labels[: config.n]
     run_dir = setting.run_dir(run)
+    archive = archive_before_resize(run_dir, config)
+    if archive is not None:  # the models not yet rerun at this n stay in the tables
+        print(f"{run_dir} moves to n = {config.n}; its models at the old n: {archive}")
+        write_reports(load_run(archive, partial=True))
     evaluate_models(
         {name: model}, images, labels, suite, config, run_dir, progress=setting.progress
     )
@@ -328,10 +353,28 @@ def _load(run_dir: Path) -> RunResult | None:
     return load_run(run_dir, partial=True) if (run_dir / "run.json").is_file() else None
 
 
-def _minimal_summaries(run: RunResult | None) -> dict[str, ModelSummary]:
-    if run is None:
-        return {}
-    return {s.model: s for s in run.summaries if isinstance(s, ModelSummary)}
+def _stage_summaries(setting: Setting, run: str) -> dict[str, ModelSummary | FixedSummary]:
+    """Per model, its summary in ``runs/<run>`` or in an archive of it at another n
+    (``<run>-n<n>``, :func:`archive_before_resize`): the one on the most samples, the current
+    run's on a tie."""
+    directory = setting.run_dir(run)
+    archives = [
+        path
+        for path in sorted(directory.parent.glob(f"{run}-n*"))
+        if re.fullmatch(rf"{re.escape(run)}-n\d+", path.name)
+    ]
+    chosen: dict[str, ModelSummary | FixedSummary] = {}
+    for run_dir in (directory, *archives):
+        loaded = _load(run_dir)
+        for summary in loaded.summaries if loaded else []:
+            if summary.model not in chosen or summary.n > chosen[summary.model].n:
+                chosen[summary.model] = summary
+    return chosen
+
+
+def _minimal_summaries(setting: Setting, run: str) -> dict[str, ModelSummary]:
+    summaries = _stage_summaries(setting, run).items()
+    return {name: s for name, s in summaries if isinstance(s, ModelSummary)}
 
 
 def _percent(value: float) -> str:
@@ -407,14 +450,13 @@ def _broken_within(distances: Any, threshold: float) -> list[bool]:
 
 def render_true_robustness(setting: Setting) -> str:
     """Per model and norm: paper protocol (dim42), quick, quick+adaptive, and the worst case."""
-    dim42 = _minimal_summaries(_load(setting.run_dir("dim42")))
-    quick = _minimal_summaries(_load(setting.run_dir("quick")))
+    dim42 = _minimal_summaries(setting, "dim42")
+    quick = _minimal_summaries(setting, "quick")
     fixed: dict[str, dict[str, FixedSummary]] = {}
     for norm in ("linf", "l2"):
-        run = _load(setting.run_dir(f"quick-adaptive-{norm}"))
-        for summary in run.summaries if run else []:
+        for name, summary in _stage_summaries(setting, f"quick-adaptive-{norm}").items():
             if isinstance(summary, FixedSummary):
-                fixed.setdefault(summary.model, {})[norm] = summary
+                fixed.setdefault(name, {})[norm] = summary
     lines = [
         "| model | norm | ε | clean | paper protocol (dim42) | quick | quick + adaptive | "
         "worst case over the stages |",
@@ -426,7 +468,9 @@ def render_true_robustness(setting: Setting) -> str:
             paper = dim42.get(name)
             quick_summary = quick.get(name)
             adaptive = fixed.get(name, {}).get(norm)
-            cells = [name, norm, f"{threshold:g}"]
+            counts = sorted({s.n for s in (quick_summary, adaptive) if s is not None})
+            label = name if counts in ([], [setting.n]) else f"{name} (n = {_listed(counts)})"
+            cells = [label, norm, f"{threshold:g}"]
             clean = quick_summary.clean_accuracy if quick_summary else math.nan
             cells.append(_percent(clean))
             cells.append(_norm_cell(paper, norm))
@@ -437,13 +481,18 @@ def render_true_robustness(setting: Setting) -> str:
     lines.append("")
     lines.append(
         f"Accuracy in percent [95% Wilson interval]. quick and quick + adaptive: first "
-        f"n = {setting.n} test samples of {setting.dataset}; dim42: first {setting.dim42_n}. "
+        f"n = {setting.n} test samples of {setting.dataset} (a model's own n, where it "
+        f"differs, beside its name); dim42: first {setting.dim42_n}. "
         "quick + adaptive runs in fixed mode (each attack only on what is still robust). The "
         "worst case counts a sample as robust only if no attack of any stage broke it within ε "
         "(on the dim42 samples once dim42 has run): the true robustness next to the "
         "paper-protocol number. `*`: a stage is missing or still has attacks pending."
     )
     return "\n".join(lines) + "\n"
+
+
+def _listed(counts: list[int]) -> str:
+    return " / ".join(str(count) for count in counts)
 
 
 def _norm_cell(summary: ModelSummary | None, norm: str) -> str:
@@ -489,7 +538,7 @@ def _worst_case_cell(
 
 def write_tables(setting: Setting) -> None:
     """Rewrite table1.md, table2.md and true_robustness.md from whatever has run so far."""
-    dim42 = _minimal_summaries(_load(setting.run_dir("dim42")))
+    dim42 = _minimal_summaries(setting, "dim42")
     for table in ("table1", "table2"):
         text = f"# {setting.dataset}: the DIM paper's {table.replace('table', 'Table ')}\n\n"
         text += render_paper_table(table, dim42, setting.dim42_n)

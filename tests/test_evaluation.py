@@ -30,7 +30,13 @@ from advdefense.evaluation.detection import robust_under_rejection
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.report import plot_accuracy_curves, render, report_json, write_reports
 from advdefense.evaluation.robustness import clean_accuracy, predict
-from advdefense.evaluation.run import RunConfig, evaluate_models, first_indices, load_run
+from advdefense.evaluation.run import (
+    RunConfig,
+    archive_before_resize,
+    evaluate_models,
+    first_indices,
+    load_run,
+)
 from advdefense.evaluation.runner import run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags
 from advdefense.evaluation.store import ResultStore, model_fingerprint
@@ -510,6 +516,46 @@ def test_models_accumulate_in_one_run(tmp_path: Path) -> None:
             progress=False,
         )
     assert [s.model for s in load_run(tmp_path).summaries] == ["first", "second"]
+
+
+def test_a_run_moved_to_another_n_keeps_its_models_in_an_archive(tmp_path: Path) -> None:
+    images, labels = _data()
+    large = _config()
+    run_dir, small = tmp_path / "run", dataclasses.replace(large, indices=tuple(range(20)))
+    records = run_dir / "records.jsonl"
+
+    def evaluate(name: str, config: RunConfig) -> int:
+        """Evaluates ``name``; returns how many records that added."""
+        model = Brightness().eval()
+        model.scale.data.fill_({"first": 20.0, "second": 10.0}[name])
+        before = len(records.read_text().splitlines()) if records.is_file() else 0
+        count = config.n
+        evaluate_models(
+            {name: model},
+            images[:count],
+            labels[:count],
+            DETERMINISTIC,
+            config,
+            run_dir,
+            progress=False,
+        )
+        return len(records.read_text().splitlines()) - before
+
+    per_batch = evaluate("first", small)  # n = 20 is one batch of 20
+    assert per_batch > 0
+    evaluate("second", small)
+    assert archive_before_resize(run_dir, small) is None  # same n: nothing to keep
+    assert archive_before_resize(run_dir, dataclasses.replace(large, seed=1)) is None
+    archive = archive_before_resize(run_dir, large)
+    assert archive == tmp_path / "run-n20"
+    assert evaluate("first", large) == per_batch  # the first batch is reused, not redone
+    assert [(s.model, s.n) for s in load_run(run_dir).summaries] == [("first", 40)]
+    assert [(s.model, s.n) for s in load_run(archive).summaries] == [("first", 20), ("second", 20)]
+    # back at n = 20 for one model, then at 40 again: the n = 20 archive merges, loses nothing
+    assert archive_before_resize(run_dir, small) == tmp_path / "run-n40"
+    assert evaluate("second", small) == 0
+    assert archive_before_resize(run_dir, large) == archive
+    assert [s.model for s in load_run(archive).summaries] == ["first", "second"]
 
 
 def test_a_killed_model_does_not_block_the_next_one(tmp_path: Path) -> None:

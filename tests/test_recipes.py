@@ -61,6 +61,15 @@ def _run(directory: Path, suite: str, mode: str, n: int, **extra: Any) -> RunCon
     )
 
 
+def _toy_dim_setting(directory: Path) -> tuple[ModuleType, Any, dict[str, nn.Module]]:
+    """The DIM recipe, a setting on :func:`_data` writing to ``directory``, and two models."""
+    recipe = _recipe("dim_mnist")
+    images, labels = _data()
+    thresholds = {"l0": 12.0, "l1": 8.0, "l2": 1.5, "linf": 0.3}
+    setting = recipe.Setting("toy", directory, images, labels, thresholds, 0, False)
+    return recipe, setting, {"cnn": MeanPixel(20.0), "dim": MeanPixel(5.0)}
+
+
 def test_paper_numbers_cover_both_tables() -> None:
     paper = json.loads((RECIPES / "dim_mnist.paper.json").read_text())
     recipe = _recipe("dim_mnist")
@@ -73,12 +82,8 @@ def test_paper_numbers_cover_both_tables() -> None:
 
 
 def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
-    recipe = _recipe("dim_mnist")
-    images, labels = _data()
-    setting = recipe.Setting(
-        "toy", tmp_path, images, labels, {"l0": 12.0, "l1": 8.0, "l2": 1.5, "linf": 0.3}, 0, False
-    )
-    models = {"cnn": MeanPixel(20.0), "dim": MeanPixel(5.0)}
+    recipe, setting, models = _toy_dim_setting(tmp_path)
+    images, labels = setting.images, setting.labels
     # stand-in for dim42: the quick suite's attacks fill their rows, the rest stay pending
     for run, suite in (("dim42", "quick"), ("quick", "quick")):
         config = _run(tmp_path, suite, "minimal", 12)
@@ -218,3 +223,50 @@ def test_a_saved_madry_with_all_its_epochs_is_loaded(
     assert recipe._model("madry", "mnist-sample", tmp_path, data, data, torch.device("cpu"), 0) is (
         saved_model
     )
+
+
+def test_dim_latent_figure_follows_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from advdefense.data import LabeledImages
+    from advdefense.defenses.dim import DIM
+
+    recipe = _recipe("dim_mnist")
+    drawn: list[int] = []
+
+    def plot(codes: torch.Tensor, labels: torch.Tensor, path: Path, seed: int) -> Path:
+        drawn.append(seed)
+        path.write_bytes(b"png")
+        return path
+
+    monkeypatch.setattr(recipe, "plot_latent_tsne", plot)
+    torch.manual_seed(0)
+    dim = DIM().eval()
+    test = LabeledImages(torch.rand(6, 1, 28, 28), torch.arange(6))
+    setting = recipe.Setting("toy", tmp_path, test.images, test.labels, {}, 0, False)
+    recipe._latent_figure(setting, dim, test)
+    recipe._latent_figure(setting, dim, test)
+    assert drawn == [0]  # same model, images and seed: kept
+    with torch.no_grad():
+        next(dim.parameters()).add_(0.01)
+    recipe._latent_figure(setting, dim, test)  # retrained: redrawn
+    recipe._latent_figure(recipe.Setting("toy", tmp_path, *test, {}, 1, False), dim, test)
+    assert drawn == [0, 0, 1]
+    record = json.loads((tmp_path / "fig3_latent_tsne.json").read_text())
+    assert record["seed"] == 1 and record["test_samples"] == 6
+    recipe._latent_figure(setting, nn.Identity(), test)  # not an internal-model classifier
+    assert drawn == [0, 0, 1]
+
+
+def test_dim_tables_keep_models_not_yet_rerun_at_a_new_n(tmp_path: Path) -> None:
+    recipe, setting, models = _toy_dim_setting(tmp_path)
+    for name, model in models.items():
+        recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 6), name, model)
+    recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "dim", models["dim"])
+    assert (tmp_path / "runs" / "quick-n6" / "report.md").is_file()
+    quick = recipe._minimal_summaries(setting, "quick")
+    assert {name: summary.n for name, summary in quick.items()} == {"cnn": 6, "dim": 12}
+    recipe.write_tables(setting)
+    truth = (tmp_path / "true_robustness.md").read_text()
+    assert "| cnn (n = 6) | linf |" in truth  # still reported, at its own n
+    assert "| dim | linf |" in truth  # at the setting's n = 12

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ from advdefense.evaluation.detection_run import detection_scores, summarize_dete
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import plan_minimal_keys, run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags, result_flags
-from advdefense.evaluation.store import ResultStore, model_fingerprint
+from advdefense.evaluation.store import RECORDS_FILE, ResultStore, model_fingerprint
 from advdefense.evaluation.summary import (
     FixedSummary,
     ModelSummary,
@@ -35,7 +36,14 @@ from advdefense.evaluation.summary import (
 )
 from advdefense.provenance import provenance
 
-__all__ = ["RunConfig", "RunResult", "evaluate_models", "first_indices", "load_run"]
+__all__ = [
+    "RunConfig",
+    "RunResult",
+    "archive_before_resize",
+    "evaluate_models",
+    "first_indices",
+    "load_run",
+]
 
 RUN_FILE = "run.json"
 Mode = Literal["minimal", "fixed"]
@@ -218,6 +226,45 @@ def _models_already_in(run_dir: Path, config: RunConfig) -> dict[str, Any]:
         return dict(payload["models"]) if same else {}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return {}
+
+
+def archive_before_resize(directory: str | os.PathLike[str], config: RunConfig) -> Path | None:
+    """Before ``directory`` is evaluated at another n: keep its run as ``<name>-n<old n>``.
+
+    A run directory holds one configuration, so evaluating it on more (or fewer) samples,
+    everything else equal, starts a new ``run.json`` holding only the models evaluated since
+    (their records are reused batch by batch for the samples in common). The archive, a
+    sibling directory with the old ``run.json`` and a copy of the records, keeps the models
+    evaluated at the old n reportable by :func:`load_run` meanwhile; it merges into an
+    earlier archive at that n. Returns the archive, or None when there was nothing to keep.
+    """
+    run_dir = Path(directory)
+    try:
+        payload = json.loads((run_dir / RUN_FILE).read_text())
+        old = dict(payload["config"])
+        models = dict(payload["models"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return None
+    new = json.loads(json.dumps(asdict(config)))
+    old_n = len(old.get("indices", ()))
+    same_but_n = {k: v for k, v in old.items() if k != "indices"} == {
+        k: v for k, v in new.items() if k != "indices"
+    }
+    if not models or not same_but_n or old_n == len(new["indices"]):
+        return None
+    archive = run_dir.parent / f"{run_dir.name}-n{old_n}"
+    archive.mkdir(exist_ok=True)
+    try:
+        earlier = json.loads((archive / RUN_FILE).read_text())
+        if earlier["config"] == old:
+            models = {**earlier["models"], **models}
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    if (run_dir / RECORDS_FILE).is_file():  # append-only, so a superset of the archive's
+        shutil.copyfile(run_dir / RECORDS_FILE, archive / RECORDS_FILE)
+    payload = {**payload, "models": models}
+    (archive / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    return archive
 
 
 def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) -> None:
