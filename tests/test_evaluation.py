@@ -137,14 +137,19 @@ def test_minimal_mode_sanity(tmp_path: Path) -> None:
     assert summary.minimal_accuracy == min(a.accuracy for a in summary.attacks.values())
 
 
-def test_rerun_skips_finished_work(tmp_path: Path) -> None:
-    images, labels = _data()
-    arguments: dict[str, Any] = {
+def _minimal_arguments(batch_size: int) -> dict[str, Any]:
+    """run_minimal's keyword arguments for model "b" of the resume tests."""
+    return {
         "model_name": "b",
         "thresholds": THRESHOLDS,
-        "batch_size": 16,
+        "batch_size": batch_size,
         "progress": False,
     }
+
+
+def test_rerun_skips_finished_work(tmp_path: Path) -> None:
+    images, labels = _data()
+    arguments = _minimal_arguments(batch_size=16)
     keys = run_minimal(
         Brightness(), images, labels, DETERMINISTIC, ResultStore(tmp_path), **arguments
     )
@@ -594,20 +599,26 @@ class GrayDetector(Detector):
         return -(images.flatten(1).mean(1) - 0.5).abs()
 
 
-def test_detection_in_a_run(tmp_path: Path) -> None:
+def _evaluate_gray(run_dir: Path, detector: Detector) -> Any:
+    """The Brightness model's DETERMINISTIC run on ``_data()``, with ``detector``."""
     images, labels = _data()
-    detector = GrayDetector()
-    detector.calibrate(images, 0.05)
-    run = evaluate_models(
+    return evaluate_models(
         {"bright": Brightness().eval()},
         images,
         labels,
         DETERMINISTIC,
         _config(),
-        tmp_path,
+        run_dir,
         detectors={"bright": detector},
         progress=False,
     )
+
+
+def test_detection_in_a_run(tmp_path: Path) -> None:
+    images, labels = _data()
+    detector = GrayDetector()
+    detector.calibrate(images, 0.05)
+    run = _evaluate_gray(tmp_path, detector)
     detection = {d.attack_id: d for d in run.summaries[0].detection}  # type: ignore[union-attr]
     assert set(detection) == {"fgsm", "l2-deepfool"}
     deepfool = detection["l2-deepfool"]
@@ -647,6 +658,68 @@ def test_detection_in_a_run(tmp_path: Path) -> None:
             detectors={"b": detector},
             progress=False,
         )
+
+
+def _without_adversarials(run_dir: Path) -> None:
+    """What a fresh checkout holds: the committed records, not their adversarials."""
+    for path in (run_dir / "adversarials").iterdir():
+        path.unlink()
+
+
+def test_a_finished_detection_run_stands_without_its_adversarials(tmp_path: Path) -> None:
+    images, _ = _data()
+    detector = GrayDetector()
+    detector.calibrate(images, 0.05)
+    _evaluate_gray(tmp_path, detector)
+    records = (tmp_path / "records.jsonl").read_text()
+    run_file = (tmp_path / "run.json").read_text()
+    _without_adversarials(tmp_path)
+    reader = ResultStore(tmp_path, writable=False)
+    key = next(iter(reader.records()))["key"]
+    assert reader.lost(key)
+    with pytest.raises(UserError, match=r"is missing .* run the evaluation again"):
+        reader.adversarials(key)
+    # rerunning the finished stage redoes nothing and keeps its detection scores
+    _evaluate_gray(tmp_path, detector)
+    assert (tmp_path / "records.jsonl").read_text() == records
+    assert (
+        json.loads((tmp_path / "run.json").read_text())["models"] == json.loads(run_file)["models"]
+    )
+    # a recalibrated detector is another detector: its scores are computed again, on
+    # adversarials redone where they were lost
+    detector.calibrate(images, 0.2)
+    run = _evaluate_gray(tmp_path, detector)
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == 2 * len(
+        records.splitlines()
+    )
+    redone = {d.attack_id: d.pairs for d in run.summaries[0].detection}  # type: ignore[union-attr]
+    before = json.loads(run_file)["models"]["bright"]["detection"]["attacks"]
+    assert redone == {attack: len(entry["scores"]) for attack, entry in before.items()}
+
+
+def test_an_unfinished_run_redoes_lost_adversarials_only_where_needed(tmp_path: Path) -> None:
+    images, labels = _data()
+    arguments = _minimal_arguments(batch_size=20)
+    suite = _suite("fgsm", "l2-deepfool", "l2-pgd")
+    with ResultStore(tmp_path) as store:  # the first batch finished, then the checkout is new
+        first = run_minimal(Brightness(), images[:20], labels[:20], suite, store, **arguments)
+    _without_adversarials(tmp_path)
+    with ResultStore(tmp_path) as store:
+        keys = run_minimal(Brightness(), images, labels, suite, store, **arguments)
+        assert keys[:3] == first and all(store.lost(key) for key in first)
+        assert not any(store.lost(key) for key in keys[3:])
+    # the second batch needed nothing of the first; a detector needs every adversarial
+    with ResultStore(tmp_path) as store:
+        run_minimal(Brightness(), images, labels, suite, store, keep_adversarials=True, **arguments)
+        assert not any(store.lost(key) for key in keys)
+    # a batch with an attack still to run redoes its lost adversarials (starting points)
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    kept = [r for r in records if r["key"] != keys[5]]
+    (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    _without_adversarials(tmp_path)
+    with ResultStore(tmp_path) as store:
+        run_minimal(Brightness(), images, labels, suite, store, **arguments)
+        assert [store.lost(key) for key in keys] == [True] * 3 + [False] * 3
 
 
 def test_model_fingerprint_tracks_weights() -> None:

@@ -142,6 +142,9 @@ def _evaluate_into(
     thresholds = config.norm_thresholds()
     entries = _models_already_in(run_dir, config)
     for name, model in models.items():
+        identity = _identity(model, detectors.get(name))
+        if _finished(entries.get(name), identity, store):
+            continue  # its records and detection stand (adversarials may not be checked out)
         flags = model_flags(model, images, labels)
         if config.mode == "minimal":
             planned = plan_minimal_keys(
@@ -154,7 +157,7 @@ def _evaluate_into(
                 seed=config.seed,
             )
             entries[name] = {
-                "fingerprint": model_fingerprint(model),
+                **identity,
                 "flags": flags,
                 "keys": planned,
                 "attacks": _planned_attacks(suite, config),
@@ -176,6 +179,7 @@ def _evaluate_into(
                 batch_size=config.batch_size,
                 seed=config.seed,
                 progress=progress,
+                keep_adversarials=name in detectors,
             )
             clean_correct = None
         else:
@@ -204,12 +208,35 @@ def _evaluate_into(
             "complete": True,
             "attacks": _planned_attacks(suite, config) if config.mode == "minimal" else None,
             "detection": detection,
-            "fingerprint": model_fingerprint(model),
+            **identity,
             "flags": flags,
             "keys": keys,
             "clean_correct": clean_correct,
         }
         _write_run_file(run_dir, config, entries)
+
+
+def _identity(model: nn.Module, detector: Detector | None) -> dict[str, str]:
+    """What a finished entry was computed from: the model's and its detector's fingerprints."""
+    identity = {"fingerprint": model_fingerprint(model)}
+    if detector is not None:
+        identity["detector_fingerprint"] = model_fingerprint(detector)
+    return identity
+
+
+def _finished(
+    entry: Mapping[str, Any] | None, identity: Mapping[str, str], store: ResultStore
+) -> bool:
+    """Whether ``entry`` (from the run file, same configuration) is complete for ``identity``
+    with every record in ``store``.
+
+    Entries written before detector fingerprints were recorded match on the model alone (the
+    recipes refit a detector only when its model changes)."""
+    if entry is None or not entry.get("complete"):
+        return False
+    if not all(key in store for key in entry.get("keys", [])):
+        return False
+    return all(entry.get(field, value) == value for field, value in identity.items())
 
 
 def _planned_attacks(suite: AttackSuite, config: RunConfig) -> list[str]:

@@ -225,8 +225,14 @@ def run_minimal(
     seed: int = 0,
     defense_config: dict[str, Any] | None = None,
     progress: bool = True,
+    keep_adversarials: bool = False,
 ) -> list[str]:
-    """Minimal-distance evaluation of every suite entry; returns the record keys, in order."""
+    """Minimal-distance evaluation of every suite entry; returns the record keys, in order.
+
+    A finished record whose adversarials file is gone (:meth:`ResultStore.lost`) is redone
+    where they are needed: in a batch with attacks still to run (their starting points) and,
+    with ``keep_adversarials`` (a detector will score them), everywhere.
+    """
     indices = list(range(images.shape[0])) if indices is None else list(indices)
     _validated(images, labels, indices)
     check_positive_int(batch_size, "batch_size")
@@ -247,6 +253,13 @@ def run_minimal(
             batch = images[start : start + batch_size].to(device)
             batch_labels = labels[start : start + batch_size].to(device)
             keys_so_far: dict[str, str] = {}
+            batch_keys = [
+                _minimal_key(
+                    context, entry, batch_indices, _entry_grid(entry, thresholds, grid_points)
+                )
+                for entry in suite.entries
+            ]
+            redo_lost = keep_adversarials or any(key not in store for key in batch_keys)
             bar = tqdm(
                 suite.entries,
                 desc=f"{model_name} batch {start // batch_size + 1}/{len(starts)}",
@@ -255,13 +268,12 @@ def run_minimal(
                 leave=False,
                 mininterval=0,  # attacks are few and slow: show each one, skipped ones too
             )
-            for entry in bar:
+            for entry, key in zip(bar, batch_keys, strict=True):
                 ticker.start(bar, entry.id)
                 grid = _entry_grid(entry, thresholds, grid_points)
-                key = _minimal_key(context, entry, batch_indices, grid)
                 keys_so_far[entry.id] = key
                 keys.append(key)
-                if key in store:
+                if key in store and not (redo_lost and store.lost(key)):
                     continue
                 record, adversarials = _minimal_batch(
                     entry,

@@ -136,11 +136,31 @@ class ResultStore:
         self._records[key] = stored
         return stored
 
+    def lost(self, key: str) -> bool:
+        """Whether record ``key`` saved adversarials whose file is gone.
+
+        Records are committed and their adversarials are not (too large), so a fresh checkout
+        has the one without the other: reports still work, but work that reads adversarials
+        (detection scores, later attacks' starting points) must redo the record first.
+        """
+        record = self._records.get(key)
+        return (
+            record is not None
+            and "adversarials_file" in record
+            and not (self.directory / record["adversarials_file"]).is_file()
+        )
+
     def adversarials(self, key: str) -> torch.Tensor | None:
         """The adversarials saved with record ``key`` (None when it saved none)."""
         record = self._records.get(key)
         if record is None or "adversarials_file" not in record:
             return None
+        if self.lost(key):
+            raise UserError(
+                f"{self.directory / record['adversarials_file']} is missing (adversarials are "
+                f"not committed): run the evaluation again in {self.directory}, which redoes "
+                "the records whose adversarials are needed"
+            )
         return load_file(str(self.directory / record["adversarials_file"]))["adversarials"]
 
 
