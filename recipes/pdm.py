@@ -1263,6 +1263,19 @@ def _graybox_runs(directory: Path) -> dict[str, dict[str, ModelSummary]]:
     return found
 
 
+def _stale_graybox(directory: Path) -> set[tuple[str, str]]:
+    """(run, model) of the gray-box results computed on other weights than the model's current
+    ones (the fingerprint in ``runs/table1/<model>.json``; none there counts as current)."""
+    stale = set()
+    for run in GRAYBOX_RUNS:
+        entries = _read_json(directory / "runs" / run.name / "run.json").get("models", {})
+        for name, entry in entries.items():
+            current = _read_json(directory / "runs" / "table1" / f"{name}.json").get("fingerprint")
+            if current is not None and entry.get("fingerprint") != current:
+                stale.add((run.name, name))
+    return stale
+
+
 def _detection(summary: ModelSummary | None, attack_id: str) -> Any:
     if summary is None:
         return None
@@ -1285,6 +1298,7 @@ def render_table2(directory: Path, dataset: str) -> str:
     paper = _paper()["table2"]
     reference = PAPER_DATASET[dataset]
     runs = _graybox_runs(directory)
+    stale = _stale_graybox(directory)
     header = ["attack"]
     for name in MODELS:
         header += [name] + (["paper", "Δ"] if name in paper["columns"] else [])
@@ -1293,14 +1307,16 @@ def render_table2(directory: Path, dataset: str) -> str:
         cells = [ROW_NAMES[row]]
         for name in MODELS:
             text, auc = _graybox_cell(runs.get(run_name, {}).get(name), attack_id)
-            cells.append(text)
+            cells.append(f"{text} (stale)" if (run_name, name) in stale else text)
             if name in paper["columns"]:
                 reference_auc = paper["rows"][row][reference].get(name)
                 cells += [_fixed(reference_auc, 3), _difference(auc, reference_auc, 3)]
         rows.append(cells)
     lines = [f"# {dataset}: the PDM paper's Table 2 (gray-box detection AUC)", ""]
     lines += markdown_table(header, rows)
-    lines += ["", _table2_notes(directory, dataset, runs), "", "## Detection details", ""]
+    lines += ["", _table2_notes(directory, dataset, runs)]
+    lines += ["", STALE_NOTE] if stale else []
+    lines += ["", "## Detection details", ""]
     lines += markdown_table(
         [
             "attack",
@@ -1311,7 +1327,7 @@ def render_table2(directory: Path, dataset: str) -> str:
             "Mahalanobis AUC",
             "robust with KDE reject (5% FPR)",
         ],
-        _detail_rows(directory, runs),
+        _detail_rows(directory, runs, stale),
     )
     lines += [
         "",
@@ -1346,7 +1362,9 @@ def _table2_notes(directory: Path, dataset: str, runs: Mapping[str, Any]) -> str
 
 
 def _detail_rows(
-    directory: Path, runs: Mapping[str, Mapping[str, ModelSummary]]
+    directory: Path,
+    runs: Mapping[str, Mapping[str, ModelSummary]],
+    stale: set[tuple[str, str]],
 ) -> list[list[str]]:
     rows = []
     for row, (run_name, attack_id) in TABLE2_ROWS.items():
@@ -1361,7 +1379,7 @@ def _detail_rows(
             rows.append(
                 [
                     ROW_NAMES[row],
-                    name,
+                    f"{name} (stale)" if (run_name, name) in stale else name,
                     f"{detection.pairs} / {summary.n if summary else 0}",
                     _fixed(detection.auc, 3),
                     " / ".join(_fixed(detection.tpr[rate], 3) for rate in (0.05, 0.01)),
@@ -1523,7 +1541,7 @@ def _percent(count: int, total: int) -> str:
 
 STALE_NOTE = (
     "(stale): computed on earlier weights of that model (it was retrained since); the next "
-    "`advdefense reproduce pdm` run of the model recomputes the row."
+    "`advdefense reproduce pdm` run of the model's stage recomputes it."
 )
 UNVERIFIED_NOTE = (
     "(unverified): this checkout has neither the model's weights nor a fingerprint of its "

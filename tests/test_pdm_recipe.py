@@ -509,6 +509,16 @@ def test_recipe_runs_every_stage_then_resumes(
     assert table3.count(recipe.STALE_NOTE) == 2
     table4 = (directory / "table4.md").read_text()
     assert _row(table4, "| ce (stale) |") and recipe.STALE_NOTE in table4
+    assert "(stale)" not in (directory / "table2.md").read_text()
+    cw_file = directory / "runs" / "graybox-cw" / "run.json"
+    cw = json.loads(cw_file.read_text())
+    cw["models"]["ce"]["fingerprint"] = "0" * 64
+    cw_file.write_text(json.dumps(cw))
+    recipe.write_tables(directory, DATASET)
+    table2 = (directory / "table2.md").read_text()
+    assert _row(table2, "| C&W |")[1].endswith(" (stale)") and recipe.STALE_NOTE in table2
+    assert not _row(table2, "| C&W-hc |")[1].endswith(" (stale)")
+    assert _row(table2, "| C&W | ce (stale) |")
 
     # the detector's record (committed) carries the fingerprint the caches are checked against,
     # so the check needs no weights; without either, the rows say they are unverified

@@ -167,6 +167,8 @@ def test_cli_train_removes_the_state_once_the_model_is_saved(
     argv += ["--seed", "5", "--out", str(out), "--quiet"]
     assert main(argv) == 0
     assert (out / "config.json").is_file() and not (out / STATE_FILE).exists()
+    training = json.loads((out / "config.json").read_text())["training"]
+    assert training["torch_threads"] == torch.get_num_threads()  # the weights may depend on it
     first = (out / "model.safetensors").read_bytes()
     capsys.readouterr()
     # An interrupted rerun: the same command's state after epoch 1, then the command again.

@@ -77,9 +77,18 @@ def train_architecture(
 
     Everything is seeded with ``options.seed`` before the model is built, so its initial weights
     depend on the seed alone, not on what the process drew from the global generators before.
+    The record names the CPU threads of the process that finished the training
+    (``torch_threads``): float sums, hence the weights, can depend on them.
     """
     if architecture not in TRAINABLE:
         raise InputError(f"cannot train {architecture!r}; trainable: {', '.join(TRAINABLE)}")
+    model, record = _train(architecture, images, labels, options)
+    return model, {**record, "torch_threads": torch.get_num_threads()}
+
+
+def _train(
+    architecture: str, images: torch.Tensor, labels: torch.Tensor, options: TrainOptions
+) -> tuple[nn.Module, dict[str, Any]]:
     options = options.resolved(architecture)
     assert options.batch_size is not None and options.learning_rate is not None
     seed_everything(options.seed)
