@@ -852,7 +852,7 @@ def _detector_attack(
             current = _white_box_round_state(state, round_index)
             if str(start) in current["batches"]:
                 continue
-            final = final_records(state)
+            final = final_records(state, include_unfinished=True)
             failing = [i for i in chosen if not final.get(i, {}).get("success")]
             if not failing:
                 break
@@ -1020,12 +1020,32 @@ def _attack_batch(
     return record, adversarials.cpu().contiguous()
 
 
-def final_records(state: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
-    """Per attacked sample, its result in the round that broke it, else in its last round."""
+def finished_batches(state: Mapping[str, Any]) -> set[str]:
+    """The batches (keyed by their start in the first round) whose rounds are over: the
+    latest round that attacked them broke every sample it retried, or it was the last round
+    (``WHITE_BOX_ROUNDS``). A batch interrupted between rounds is not finished."""
+    rounds = state.get("rounds", [])
+    finished = set()
+    for start in rounds[0]["batches"] if rounds else {}:
+        ran = [index for index, current in enumerate(rounds) if start in current["batches"]]
+        latest = rounds[ran[-1]]["batches"][start]
+        if ran[-1] == WHITE_BOX_ROUNDS - 1 or all(latest["success"]):
+            finished.add(start)
+    return finished
+
+
+def final_records(
+    state: Mapping[str, Any], *, include_unfinished: bool = False
+) -> dict[int, dict[str, Any]]:
+    """Per attacked sample of a finished batch (:func:`finished_batches`; of every batch with
+    ``include_unfinished``), its result in the round that broke it, else in its last round."""
     fields = ("labels", "success", "distances", "predictions", "clean_scores")
+    reported = None if include_unfinished else finished_batches(state)
     records: dict[int, dict[str, Any]] = {}
     for round_index, current in enumerate(state.get("rounds", [])):
-        for batch in current["batches"].values():
+        for start, batch in current["batches"].items():
+            if reported is not None and start not in reported:
+                continue
             for position, index in enumerate(batch["indices"]):
                 record = {field: batch[field][position] for field in fields}
                 record["adversarial_score"] = batch["adversarial_scores"][position]
@@ -1410,6 +1430,7 @@ def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary
     The AUC's normal group is every attacked clean image (the cache's ``clean_scores``), so
     that a partial run's AUC estimates the final one: the evasion threshold is the median
     over all of them, not over the finished batches. Caches without it use the pairs'."""
+    finished = finished_batches(state)
     records = list(final_records(state).values())
     success = np.asarray([r["success"] for r in records], dtype=bool)
     distances = np.asarray([r["distances"] for r in records], dtype=np.float64)
@@ -1433,7 +1454,14 @@ def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary
         int(fooled.sum()),
         distortion,
         auc,
-        sum(1 for current in state.get("rounds", []) if current["batches"]),  # rounds that ran
+        max(  # the rounds that ran on the finished batches
+            (
+                index + 1
+                for index, current in enumerate(state.get("rounds", []))
+                if finished.intersection(current["batches"])
+            ),
+            default=0,
+        ),
         auc_all,
     )
 

@@ -135,16 +135,29 @@ def test_detector_attack_summary_by_hand() -> None:
         == 2
     )
     assert recipe.final_records(state)[1]["round"] == 1
-    first_only = recipe.summarize_detector_attack({**state, "rounds": [first_round]})
-    assert (first_only.successes, first_only.pairs) == (2, 2)
-    assert first_only.distortion == pytest.approx(1.5)
+    assert recipe.finished_batches(state) == {"0", "2"}
+    # interrupted after round 0: batch "0" still has sample 1 to retry, so it is not reported
+    # (its round-0 results are not final); batch "2" broke its only sample and is done
+    first_only = {**state, "rounds": [first_round]}
+    assert recipe.finished_batches(first_only) == {"2"}
+    assert set(recipe.final_records(first_only, include_unfinished=True)) == {0, 1, 2}
+    summary = recipe.summarize_detector_attack(first_only)
+    assert (summary.done, summary.successes, summary.pairs, summary.rounds) == (1, 1, 1, 1)
+    assert summary.distortion == pytest.approx(2.0)
+    # a failure that ran every round is final: its batch is finished, the failure reported
+    gave_up = {**retry["batches"]["0"], "success": [False], "predictions": [2]}
+    exhausted = [first_round] + [{"samples": [1], "batches": {"0": gave_up}}] * (
+        recipe.WHITE_BOX_ROUNDS - 1
+    )
+    summary = recipe.summarize_detector_attack({**state, "rounds": exhausted})
+    assert (summary.done, summary.successes, summary.rounds) == (3, 2, recipe.WHITE_BOX_ROUNDS)
     # with every test image's clean score kept, the normal group is all attacked ones (a
-    # partial run estimates the final AUC): fooled adversarials 0.5 and 2.5 vs 1.0, 2.0, 1.5
-    # and 3.0 (sample 3 not done yet; sample 4 not attacked): 0 + 3 of 8 pairs
-    partial = {**state, "attacked": [0, 1, 2, 3], "rounds": [first_round]}
+    # partial run estimates the final AUC): the fooled adversarial 2.5 of the finished batch
+    # vs 1.0, 2.0, 1.5 and 3.0 (sample 3 not done yet; sample 4 not attacked): 3 of 4 pairs
+    partial = {**first_only, "attacked": [0, 1, 2, 3]}
     partial["clean_scores"] = [1.0, 2.0, 1.5, 3.0, 100.0]
     summary = recipe.summarize_detector_attack(partial)
-    assert summary.auc == pytest.approx(3 / 8) and (summary.done, summary.pairs) == (3, 2)
+    assert summary.auc == pytest.approx(3 / 4) and (summary.done, summary.pairs) == (1, 1)
     empty = recipe.summarize_detector_attack({"attacked": [0], "rounds": []})
     assert math.isnan(empty.distortion) and math.isnan(empty.auc) and empty.done == 0
     rounds = [recipe.white_box_round(k) for k in range(recipe.WHITE_BOX_ROUNDS)]
@@ -168,11 +181,18 @@ def test_black_box_auc_with_and_without_the_untransferred(tmp_path: Path) -> Non
         "clean_scores": [1.0, 2.0, 0.0],
         "adversarial_scores": [3.0, 1.5, 5.0],
     }
+    failed_again = {field: values[2:] for field, values in batch.items()}  # sample 2's retries
+
+    def finished(first: dict[str, Any]) -> list[dict[str, Any]]:
+        """``first`` as round 0, then sample 2 failing every later round (a final failure)."""
+        retries = [{"samples": [2], "batches": {"0": failed_again}}] * (recipe.WHITE_BOX_ROUNDS - 1)
+        return [{"samples": [0, 1, 2], "batches": {"0": first}}, *retries]
+
     state = {
         "input_values": 4,
         "attacked": [0, 1, 2],
         "clean_scores": [1.0, 2.0, 0.0],
-        "rounds": [{"samples": [0, 1, 2], "batches": {"0": batch}}],
+        "rounds": finished(batch),
     }
     summary = recipe.summarize_detector_attack(state)
     assert (summary.successes, summary.pairs) == (2, 1)
@@ -180,9 +200,7 @@ def test_black_box_auc_with_and_without_the_untransferred(tmp_path: Path) -> Non
     assert summary.auc == pytest.approx(2 / 3)
     assert summary.auc_all == pytest.approx(5 / 6)
     untransferred = {**batch, "predictions": [1, 2, 3]}
-    none = recipe.summarize_detector_attack(
-        {**state, "rounds": [{"samples": [0, 1, 2], "batches": {"0": untransferred}}]}
-    )
+    none = recipe.summarize_detector_attack({**state, "rounds": finished(untransferred)})
     assert none.pairs == 0 and math.isnan(none.auc)
     assert none.auc_all == pytest.approx(5 / 6)
     (tmp_path / "runs" / "blackbox").mkdir(parents=True)
