@@ -193,6 +193,17 @@ def test_train_evaluate_report_round_trip(
     assert code == 0, err
     assert "robust accuracy" in out
 
+    pgd_dir = tmp_path / "pgd"
+    pgd_only = ["evaluate", "--model", str(model_dir), "--n", "20", "--suite", "quick"]
+    pgd_only += ["--attacks", "linf-pgd", "--mode", "fixed", "--norm", "Linf", "--eps", "0.1"]
+    code, out, err = _run(capsys, *pgd_only, "--out", str(pgd_dir), "--quiet")
+    assert code == 0, err
+    assert json.loads((pgd_dir / "report.json").read_text())["suite"] == "quick[linf-pgd]"
+    records = (pgd_dir / "records.jsonl").read_text().splitlines()
+    assert records and {json.loads(line)["attack"] for line in records} == {"linf-pgd"}
+    code, _, err = _run(capsys, *pgd_only[:7], "--attacks", "cw", "--out", str(pgd_dir))
+    assert code == 2 and "suite 'quick' has no attack 'cw'" in err
+
     code, out, _ = _run(
         capsys,
         "report",

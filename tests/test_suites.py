@@ -179,6 +179,22 @@ def test_get_suite_and_suite_validation_errors() -> None:
         AttackSuite("late", "1", (get_attack("linf-pgd"), late, pgd), "")
 
 
+def test_restricted_suite_keeps_run_order_and_checks_its_ids() -> None:
+    quick = get_suite("quick")
+    alone = quick.restricted_to(["linf-pgd"])
+    assert alone.ids() == ("linf-pgd",) and alone.name == "quick[linf-pgd]"
+    assert alone.version == quick.version
+    picked = quick.restricted_to(["l2-ddn", "linf-fgsm"])  # given out of order
+    assert picked.ids() == tuple(i for i in quick.ids() if i in {"l2-ddn", "linf-fgsm"})
+    assert picked.name == f"quick[{','.join(picked.ids())}]"
+    with pytest.raises(InputError, match=r"no attack 'l2-cw'; its attacks: .*linf-pgd"):
+        quick.restricted_to(["linf-pgd", "l2-cw"])
+    with pytest.raises(InputError, match="earlier entry"):
+        get_suite("minimal").restricted_to(["l2-fmn", "l2-brendel-bethge-from-pgd"])
+    with pytest.raises(InputError, match="non-empty"):
+        quick.restricted_to([])
+
+
 def test_entry_validation_and_missing_dependency() -> None:
     pgd = get_attack("l2-pgd")
     with pytest.raises(InputError, match="restarts"):

@@ -209,6 +209,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "--suite", default="quick", choices=sorted(SUITES), help="attack suite (default: quick)"
     )
     evaluate.add_argument(
+        "--attacks",
+        metavar="ID[,ID...]",
+        help="run only these attacks of the suite, e.g. --suite quick --attacks linf-pgd "
+        "(records go under the name quick[linf-pgd], apart from the whole suite's)",
+    )
+    evaluate.add_argument(
         "--mode", default="minimal", choices=("minimal", "fixed"), help="minimal (default) or fixed"
     )
     evaluate.add_argument("--norm", choices=sorted(NORM_ALIASES), help="fixed mode: the norm")
@@ -403,6 +409,8 @@ def _model_names(directories: Sequence[Path]) -> list[str]:
 def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     suite = get_suite(args.suite)
+    if args.attacks is not None:
+        suite = suite.restricted_to([name.strip() for name in args.attacks.split(",")])
     check_positive_int(args.n, "--n")
     if args.mode == "fixed" and (args.norm is None or args.eps is None):
         raise InputError("--mode fixed needs --norm and --eps, e.g. --norm L2 --eps 1.5")

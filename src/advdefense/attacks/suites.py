@@ -116,6 +116,26 @@ class AttackSuite:
             "entries": [entry.to_json() for entry in self.entries],
         }
 
+    def restricted_to(self, attack_ids: Sequence[str]) -> AttackSuite:
+        """The sub-suite of ``attack_ids`` (in this suite's run order), e.g. one attack alone.
+
+        Named ``<suite>[<id>,...]`` so its run records never mix with the whole suite's; an
+        attack that starts from another needs that one selected too (checked on construction).
+        """
+        unknown = [attack_id for attack_id in attack_ids if attack_id not in self.ids()]
+        if unknown:
+            raise InputError(
+                f"suite {self.name!r} has no attack {', '.join(map(repr, unknown))}; "
+                f"its attacks: {', '.join(self.ids())}"
+            )
+        chosen = tuple(entry for entry in self.entries if entry.id in attack_ids)
+        return AttackSuite(
+            f"{self.name}[{','.join(entry.id for entry in chosen)}]",
+            self.version,
+            chosen,
+            f"{self.description} (only {', '.join(entry.id for entry in chosen)})",
+        )
+
     def entry(self, attack_id: str) -> AttackEntry:
         """The entry ``attack_id`` of this suite (e.g. to resolve a ``start_from``)."""
         for entry in self.entries:
