@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+import eagerpy as ep
 import pytest
 import torch
+from foolbox.attacks.base import MinimizationAttack
+from foolbox.distances import l2
 from foolbox.models.pytorch import PyTorchModel
 from torch import nn
 
 from advdefense.attacks import get_attack
 from advdefense.attacks.adaptive import LinfMarginAllTargetsAttack, dlr_loss, margin_loss
+from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.suites import AttackSuite, get_suite
 from advdefense.declaration import AttackDeclaration, MethodView, declaration_of
 from advdefense.defenses.dim import DIM, BiDIM
@@ -342,3 +347,42 @@ def test_adaptive_suite() -> None:
     }
     assert not get_attack("l2-boundary").uses_gradients
     assert get_attack("l2-carlini-wagner").uses_gradients
+
+
+class _Overshoot(MinimizationAttack):
+    """Moves the 12 pixels at 0.45 up by 0.1 and the 4 at 0.05 by 0.3: adversarial for
+    ``BinarizedBrightness`` (12 of 16 pixels cross 0.5), but far from minimal."""
+
+    distance = l2
+
+    def run(self, model: Any, inputs: Any, criterion: Any, **kwargs: Any) -> Any:
+        x, restore = ep.astensor_(inputs)
+        return restore(x + ep.where(x > 0.25, 0.1, 0.3))
+
+
+def test_fixed_mode_refines_the_unbounded_adversarial_of_a_minimization_attack(
+    tmp_path: Path,
+) -> None:
+    images = torch.full((3, 1, 4, 4), 0.45)
+    images[:, :, 0, :] = 0.05
+    labels = torch.zeros(3, dtype=torch.long)
+    entry = AttackEntry("l2-overshoot", "l2", _Overshoot, {}, "overshoots, then refined")
+    suite = AttackSuite("t", "1", (entry,), "test")
+    arguments: dict[str, Any] = {"model_name": "b", "norm": "l2", "progress": False}
+    # Scaled down to 0.3 (x 0.43) no pixel crosses 0.5; unbounded and refined, the 12 pixels
+    # move to 0.5 only: L2 = sqrt(12) * 0.05 = 0.17.
+    binarizing = ResultStore(tmp_path / "binarizing")
+    (key,) = run_fixed(
+        BinarizedBrightness(), images, labels, suite, binarizing, epsilon=0.3, **arguments
+    )
+    record = binarizing.get(key)
+    assert record is not None and record["unbounded_candidate"] and all(record["broken"])
+    assert record["distances"] == pytest.approx([math.sqrt(12) * 0.05] * 3, rel=1e-3)
+    # without a binarization declaration there is nothing to refine: the 0.3 candidate fails
+    plain = ResultStore(tmp_path / "plain")
+    (plain_key,) = run_fixed(
+        BinarizedBrightness(declare=False), images, labels, suite, plain, epsilon=0.3, **arguments
+    )
+    plain_record = plain.get(plain_key)
+    assert plain_record is not None and not any(plain_record["broken"])
+    assert "unbounded_candidate" not in plain_record and plain_key != key

@@ -502,6 +502,7 @@ def run_fixed(
     if not entries:
         raise InputError(f"suite {suite.name!r} has no {norm} attack")
     context = _context(model, model_name, seed, batch_size, defense_config or {})
+    binarizing = declaration_of(model).binarization_threshold is not None
     device = device_of(model)
     keys: list[str] = []
     position_of = {index: position for position, index in enumerate(indices)}
@@ -536,6 +537,9 @@ def run_fixed(
                 positions = [position_of[index] for index in batch_indices]
                 batch = images[positions].to(device)
                 batch_labels = labels[positions].to(device)
+                unbounded = entry.minimization and binarizing
+                # only the records this changes get a new field, so older ones stay valid
+                unbounded_field = {"unbounded_candidate": True} if unbounded else {}
                 key = record_key(
                     mode="fixed",
                     model=context.fingerprint,
@@ -543,6 +547,7 @@ def run_fixed(
                     indices=batch_indices,
                     seed=seed,
                     epsilon=epsilon,
+                    **unbounded_field,
                     **_entry_fields(entry),
                 )
                 keys.append(key)
@@ -557,6 +562,7 @@ def run_fixed(
                         epsilon,
                         _starting_points([], entry, counter, batch, batch_labels),
                         _batch_seed(seed, entry.id, batch_indices),
+                        unbounded_candidate=unbounded,
                     )
                     record = store.append(
                         {
@@ -567,6 +573,7 @@ def run_fixed(
                             "indices": batch_indices,
                             "seed": seed,
                             "epsilon": epsilon,
+                            **unbounded_field,
                             **_entry_fields(entry),
                             **record,
                         },
@@ -589,7 +596,18 @@ def _fixed_batch(
     epsilon: float,
     start: tuple[torch.Tensor | None, torch.Tensor | None],
     batch_seed: int,
+    *,
+    unbounded_candidate: bool = False,
 ) -> dict[str, Any]:
+    """Run one attack on one batch; a sample is broken by any candidate adversarial within
+    ``epsilon``.
+
+    ``unbounded_candidate`` (minimization attacks on a binarizing model) adds the attack's
+    unbounded adversarial to the candidates: Foolbox scales a minimization attack's result down
+    to ``epsilon`` before the binarization refinement sees it, and the scaled-down image often
+    no longer crosses the threshold, while the unbounded one, refined, can land well within
+    ``epsilon``. The same Foolbox run yields both, so the extra candidate costs one refinement.
+    """
     counter.reset()
     started = time.perf_counter()
     starting_points, mask = start
@@ -599,7 +617,7 @@ def _fixed_batch(
         counter,
         images,
         labels,
-        [epsilon],
+        [epsilon, None] if unbounded_candidate else [epsilon],
         starting_points=starting_points,
         mask=mask,
         generator_seed=batch_seed,
