@@ -531,15 +531,15 @@ def run_fixed(
         )
         for entry in bar:
             ticker.start(bar, entry.id)
+            unbounded = entry.minimization and binarizing
+            # only the records this changes get a new field, so older ones stay valid
+            unbounded_field = {"unbounded_candidate": True} if unbounded else {}
             survivors: list[int] = []
             for start in range(0, len(robust), batch_size):
                 batch_indices = robust[start : start + batch_size]
                 positions = [position_of[index] for index in batch_indices]
                 batch = images[positions].to(device)
                 batch_labels = labels[positions].to(device)
-                unbounded = entry.minimization and binarizing
-                # only the records this changes get a new field, so older ones stay valid
-                unbounded_field = {"unbounded_candidate": True} if unbounded else {}
                 key = record_key(
                     mode="fixed",
                     model=context.fingerprint,
