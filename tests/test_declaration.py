@@ -18,6 +18,7 @@ from torch import nn
 from advdefense.attacks import get_attack
 from advdefense.attacks.adaptive import LinfMarginAllTargetsAttack, dlr_loss, margin_loss
 from advdefense.attacks.catalog import AttackEntry
+from advdefense.attacks.starting_points import run_attack
 from advdefense.attacks.suites import AttackSuite, get_suite
 from advdefense.declaration import AttackDeclaration, MethodView, declaration_of
 from advdefense.defenses.dim import DIM, BiDIM
@@ -202,6 +203,69 @@ def test_harness_attacks_the_surrogates_and_judges_the_real_model(tmp_path: Path
     assert adversarials is not None
     with torch.no_grad():
         assert (BinarizedBrightness()(adversarials).argmax(1) != labels)[reachable].all()
+
+
+class _KilledAt:
+    """``run_attack`` that raises KeyboardInterrupt (a kill) on its ``at``-th call."""
+
+    def __init__(self, at: int | None) -> None:
+        self.at, self.calls = at, 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return run_attack(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["minimal", "fixed"])
+def test_a_killed_attack_resumes_at_the_surrogate_it_was_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    images, labels, _ = _levels()
+    suite = AttackSuite("t", "1", (get_attack("linf-pgd"),), "test")
+
+    def attack(store: ResultStore, run_attack: _KilledAt) -> str:
+        monkeypatch.setattr(runner, "run_attack", run_attack)
+        if mode == "minimal":
+            (key,) = _binary_minimal(images, labels, suite, store, grid_points=2, progress=False)
+            return key
+        (key,) = run_fixed(
+            BinarizedBrightness(),
+            images,
+            labels,
+            suite,
+            store,
+            model_name="binary",
+            norm="linf",
+            epsilon=0.3,
+            progress=False,
+        )
+        return key
+
+    whole = ResultStore(tmp_path / "whole")
+    reference = whole.get(attack(whole, _KilledAt(None)))
+    store = ResultStore(tmp_path / "killed")
+    with pytest.raises(KeyboardInterrupt):
+        attack(store, _KilledAt(4))  # killed while on the fourth of six surrogates
+    assert len(store) == 0
+    assert len(list((tmp_path / "killed" / "partial").glob("*/*.safetensors"))) == 3
+    rerun = _KilledAt(None)
+    record = store.get(attack(store, rerun))
+    assert rerun.calls == len(SURROGATE_NAMES) - 3  # the three finished ones are not redone
+    assert reference is not None and record is not None
+    for field in ("distances", "adversarial_labels", "forward_calls", "backward_calls"):
+        assert record[field] == reference[field], field
+    assert record["targets"] == reference["targets"]
+    assert record["seconds"] > 0
+    assert not list((tmp_path / "killed" / "partial").glob("*/*"))  # parts gone with the record
+    if mode == "minimal":
+        resumed, uninterrupted = (
+            store.adversarials(record["key"]),
+            whole.adversarials(reference["key"]),
+        )
+        assert resumed is not None and uninterrupted is not None
+        assert torch.equal(resumed, uninterrupted)
 
 
 def _recording_tickers(monkeypatch: pytest.MonkeyPatch) -> list[runner._PassTicker]:

@@ -206,6 +206,25 @@ def test_store_drops_a_torn_last_line(tmp_path: Path) -> None:
     assert adversarials is not None and adversarials.shape == (2, 1, 2, 2)
 
 
+def test_store_keeps_parts_of_a_record_until_it_is_written(tmp_path: Path) -> None:
+    with ResultStore(tmp_path) as store:
+        assert store.part("k", "sigmoid-10") is None
+        store.save_part("k", "sigmoid-10", {"epsilon_0": torch.ones(2, 3)}, {"error": None})
+        store.save_part("k", "bpda/identity", {}, {"error": "ValueError: x", "seconds": 1.5})
+        store.save_part("other", "sigmoid-10", {"epsilon_0": torch.zeros(1)}, {"n": 1})
+    reader = ResultStore(tmp_path, writable=False)  # parts outlive the process that saved them
+    saved = reader.part("k", "sigmoid-10")
+    assert saved is not None and saved[1] == {"error": None}
+    assert torch.equal(saved[0]["epsilon_0"], torch.ones(2, 3))
+    assert reader.part("k", "bpda/identity") == ({}, {"error": "ValueError: x", "seconds": 1.5})
+    with pytest.raises(UserError, match="read-only"):
+        reader.save_part("k", "x", {}, {})
+    with ResultStore(tmp_path) as store:
+        store.append({"key": "k"})
+        assert store.part("k", "sigmoid-10") is None and store.part("k", "bpda/identity") is None
+        assert store.part("other", "sigmoid-10") is not None  # another record's parts stay
+
+
 _KILLABLE_RUN = textwrap.dedent("""
     import sys, time, torch
     from torch import nn

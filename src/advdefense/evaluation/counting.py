@@ -45,5 +45,9 @@ class CallCounter(nn.Module):
 
     def add(self, other: CallCounter) -> None:
         """Add ``other``'s counts to these (e.g. the calls an attack made on a surrogate)."""
-        self.forward_calls += other.forward_calls
-        self.backward_calls += other.backward_calls
+        self.add_calls(other.forward_calls, other.backward_calls)
+
+    def add_calls(self, forward_calls: int, backward_calls: int) -> None:
+        """Add passes made elsewhere (e.g. by an earlier run that was killed)."""
+        self.forward_calls += forward_calls
+        self.backward_calls += backward_calls

@@ -37,7 +37,7 @@ from advdefense.declaration import declaration_of
 from advdefense.errors import InputError
 from advdefense.evaluation.counting import CallCounter
 from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
-from advdefense.evaluation.targets import attack_targets, refine_binarized
+from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_binarized
 from advdefense.modes import device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
@@ -290,6 +290,7 @@ def run_minimal(
                         batch_labels,
                     ),
                     _batch_seed(seed, entry.id, batch_indices),
+                    _FinishedTargets(store, key),
                 )
                 store.append(
                     {
@@ -342,6 +343,53 @@ class _Attacked:
     candidates: list[tuple[int, torch.Tensor]]  # (epsilon position, adversarials)
     targets: list[str]
     error: str | None
+    resumed_seconds: float = 0.0  # wall time of targets finished by an earlier, killed run
+
+
+@dataclass(frozen=True)
+class _TargetRun:
+    """What one target contributed to an attack: adversarials per epsilon, or an error."""
+
+    adversarials: list[torch.Tensor]
+    error: str | None
+    forward_calls: int
+    backward_calls: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _FinishedTargets:
+    """The targets of record ``key`` already attacked, kept in the store until the record is
+    written (:meth:`ResultStore.save_part`): a killed run resumes at the target it was on.
+    Foolbox's C&W through each of biCNN's six surrogates takes longer than a working session.
+    """
+
+    store: ResultStore
+    key: str
+
+    def load(self, target: str) -> _TargetRun | None:
+        saved = self.store.part(self.key, target)
+        if saved is None:
+            return None
+        tensors, info = saved
+        return _TargetRun(
+            [tensors[f"epsilon_{position}"] for position in range(info["epsilons"])],
+            info["error"],
+            info["forward_calls"],
+            info["backward_calls"],
+            info["seconds"],
+        )
+
+    def save(self, target: str, run: _TargetRun) -> None:
+        info = {
+            "epsilons": len(run.adversarials),
+            "error": run.error,
+            "forward_calls": run.forward_calls,
+            "backward_calls": run.backward_calls,
+            "seconds": run.seconds,
+        }
+        tensors = {f"epsilon_{i}": found for i, found in enumerate(run.adversarials)}
+        self.store.save_part(self.key, target, tensors, info)
 
 
 def _attack_targets(
@@ -355,13 +403,16 @@ def _attack_targets(
     starting_points: torch.Tensor | None,
     mask: torch.Tensor | None,
     generator_seed: int,
+    finished: _FinishedTargets | None = None,
 ) -> _Attacked:
     """Run the attack on every target the defense declares for it (see
     :mod:`advdefense.evaluation.targets`), refine binarized adversarials, and collect them.
 
     An attack that raises on a target (e.g. no gradient reaches the input) contributes nothing
     from it; its error is stored and flagged in the report. No target at all (the model lacks
-    the entry's score view) yields the clean images and an error saying so.
+    the entry's score view) yields the clean images and an error saying so. With several
+    targets, each finished one is kept in ``finished`` and taken from there on a rerun (every
+    run of an attack is seeded by ``generator_seed`` alone, so the result is the same).
     """
     declaration = declaration_of(counter.model)
     targets = attack_targets(entry, declaration, foolbox_model, images.device, counter.on_forward)
@@ -371,40 +422,89 @@ def _attack_targets(
             [],
             f"skipped: the model declares no score view {entry.score_view!r}",
         )
+    keep = finished if len(targets) > 1 else None
     candidates: list[tuple[int, torch.Tensor]] = []
     errors: list[str] = []
+    resumed_seconds = 0.0
     for target in targets:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)
-                adversarials, _ = run_attack(
-                    entry,
-                    target.foolbox_model,
-                    images,
-                    labels,
-                    epsilons,
-                    starting_points=starting_points,
-                    mask=mask,
-                    generator_seed=generator_seed,
-                )
-            if declaration.binarization_threshold is not None:
-                adversarials = [
-                    refine_binarized(
-                        foolbox_model, images, labels, found, declaration.binarization_threshold
-                    )
-                    for found in adversarials
-                ]
-        except Exception as error:  # recorded in the store and shown as a report flag
-            where = "" if len(targets) == 1 else f"[{target.name}] "
-            errors.append(f"{where}{type(error).__name__}: {error}")
-            continue
-        finally:
+        run = None if keep is None else keep.load(target.name)
+        if run is None:
+            forward_before, backward_before = counter.forward_calls, counter.backward_calls
+            started = time.perf_counter()
+            adversarials, error = _run_on_target(
+                entry,
+                target,
+                foolbox_model,
+                images,
+                labels,
+                epsilons,
+                starting_points=starting_points,
+                mask=mask,
+                generator_seed=generator_seed,
+                binarization_threshold=declaration.binarization_threshold,
+            )
             if target.counter is not None:
                 counter.add(target.counter)
-        candidates.extend(enumerate(adversarials))
+            run = _TargetRun(
+                adversarials,
+                error,
+                counter.forward_calls - forward_before,
+                counter.backward_calls - backward_before,
+                time.perf_counter() - started,
+            )
+            if keep is not None:
+                keep.save(target.name, run)
+        else:
+            counter.add_calls(run.forward_calls, run.backward_calls)
+            resumed_seconds += run.seconds
+        if run.error is not None:
+            where = "" if len(targets) == 1 else f"[{target.name}] "
+            errors.append(f"{where}{run.error}")
+            continue
+        candidates.extend(enumerate(found.to(images.device) for found in run.adversarials))
     if not candidates:
         candidates = [(position, images.clone()) for position in range(len(epsilons))]
-    return _Attacked(candidates, [t.name for t in targets], "; ".join(errors) or None)
+    return _Attacked(
+        candidates, [t.name for t in targets], "; ".join(errors) or None, resumed_seconds
+    )
+
+
+def _run_on_target(
+    entry: AttackEntry,
+    target: AttackTarget,
+    foolbox_model: PyTorchModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    epsilons: list[float | None],
+    *,
+    starting_points: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    generator_seed: int,
+    binarization_threshold: float | None,
+) -> tuple[list[torch.Tensor], str | None]:
+    """The attack's adversarials per epsilon on one target (refined on ``foolbox_model`` when
+    the defense binarizes), or no adversarials and the error it raised."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            adversarials, _ = run_attack(
+                entry,
+                target.foolbox_model,
+                images,
+                labels,
+                epsilons,
+                starting_points=starting_points,
+                mask=mask,
+                generator_seed=generator_seed,
+            )
+        if binarization_threshold is not None:
+            adversarials = [
+                refine_binarized(foolbox_model, images, labels, found, binarization_threshold)
+                for found in adversarials
+            ]
+    except Exception as error:  # recorded in the store and shown as a report flag
+        return [], f"{type(error).__name__}: {error}"
+    return list(adversarials), None
 
 
 def _minimal_batch(
@@ -416,6 +516,7 @@ def _minimal_batch(
     grid: list[float] | None,
     start: tuple[torch.Tensor | None, torch.Tensor | None],
     batch_seed: int,
+    finished: _FinishedTargets,
 ) -> tuple[dict[str, Any], torch.Tensor]:
     """Run one attack on one batch; return its record fields and the chosen adversarials."""
     counter.reset()
@@ -432,6 +533,7 @@ def _minimal_batch(
         starting_points=starting_points,
         mask=mask,
         generator_seed=batch_seed,
+        finished=finished,
     )
     with torch.no_grad():
         clean_predicted = counter(images).argmax(1)
@@ -463,7 +565,7 @@ def _minimal_batch(
         "grid": grid,
         "grid_success": [int(hits.sum()) for hits in grid_hits] if grid is not None else None,
         "started": None if mask is None else [bool(m) for m in mask.cpu()],
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started + attacked.resumed_seconds,
         "forward_calls": forward_calls,
         "backward_calls": backward_calls,
         "targets": attacked.targets,
@@ -562,6 +664,7 @@ def run_fixed(
                         epsilon,
                         _starting_points([], entry, counter, batch, batch_labels),
                         _batch_seed(seed, entry.id, batch_indices),
+                        _FinishedTargets(store, key),
                         unbounded_candidate=unbounded,
                     )
                     record = store.append(
@@ -596,6 +699,7 @@ def _fixed_batch(
     epsilon: float,
     start: tuple[torch.Tensor | None, torch.Tensor | None],
     batch_seed: int,
+    finished: _FinishedTargets,
     *,
     unbounded_candidate: bool = False,
 ) -> dict[str, Any]:
@@ -621,6 +725,7 @@ def _fixed_batch(
         starting_points=starting_points,
         mask=mask,
         generator_seed=batch_seed,
+        finished=finished,
     )
     budget = epsilon * (1 + NORM_TOLERANCE) + NORM_TOLERANCE
     broken = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
@@ -642,7 +747,7 @@ def _fixed_batch(
             float(d) if b else math.inf for d, b in zip(measured.cpu(), broken.cpu(), strict=True)
         ],
         "adversarial_labels": [int(p) for p in predicted.cpu()],
-        "seconds": time.perf_counter() - started,
+        "seconds": time.perf_counter() - started + attacked.resumed_seconds,
         "forward_calls": forward_calls,
         "backward_calls": backward_calls,
         "targets": attacked.targets,

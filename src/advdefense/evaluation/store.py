@@ -5,6 +5,11 @@ to, in a safetensors file written and renamed first) is appended, flushed and fs
 killed at any moment therefore loses at most the batch in flight; a torn last line is dropped
 (and truncated away) when the store is opened again. Each record is keyed by a hash of
 everything that determines it, so rerunning the same command skips what is done.
+
+A record that takes longer than a working session (an attack run through each of a binarizing
+defense's six surrogates) may also keep finished *parts* under ``partial/<key>/``; a rerun picks
+them up instead of starting the record again, and :meth:`ResultStore.append` deletes them once
+the record is written.
 """
 
 from __future__ import annotations
@@ -13,11 +18,13 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -28,6 +35,7 @@ __all__ = ["ResultStore", "model_fingerprint", "record_key"]
 RECORDS_FILE = "records.jsonl"
 ADVERSARIALS_DIR = "adversarials"
 LOCK_FILE = ".lock"
+PARTIAL_DIR = "partial"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -134,7 +142,43 @@ class ResultStore:
             handle.flush()
             os.fsync(handle.fileno())
         self._records[key] = stored
+        self._discard_parts(key)
         return stored
+
+    def save_part(
+        self, key: str, part: str, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]
+    ) -> None:
+        """Keep one finished ``part`` of record ``key`` (its ``tensors`` and JSON-able ``info``)
+        until the record is appended, written and renamed so a kill leaves no torn file."""
+        if self._lock is None:
+            raise UserError(f"the store in {self.directory} was opened read-only")
+        target = self._part_path(key, part)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = target.with_suffix(".tmp")
+        save_file(
+            {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
+            str(temporary),
+            metadata={"part": part, "info": json.dumps(info, sort_keys=True, allow_nan=True)},
+        )
+        os.replace(temporary, target)
+
+    def part(self, key: str, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        """The tensors and info :meth:`save_part` kept for ``part`` of record ``key``, if any."""
+        path = self._part_path(key, part)
+        if not path.is_file():
+            return None
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+        if metadata.get("part") != part:  # a hash collision of two part names
+            return None
+        return tensors, json.loads(metadata["info"])
+
+    def _part_path(self, key: str, part: str) -> Path:
+        return self.directory / PARTIAL_DIR / key / f"{record_key(part=part)}.safetensors"
+
+    def _discard_parts(self, key: str) -> None:
+        shutil.rmtree(self.directory / PARTIAL_DIR / key, ignore_errors=True)
 
     def lost(self, key: str) -> bool:
         """Whether record ``key`` saved adversarials whose file is gone.
