@@ -76,6 +76,18 @@ def pgd_linf(
     """
     check_images(images, "images")
     check_labels(labels, "labels", batch_size=images.shape[0])
+    return _pgd_linf(model, images, labels, config, generator)
+
+
+def _pgd_linf(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: PGDConfig,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """:func:`pgd_linf` without the input checks, which wait on the GPU: on checked batches,
+    it never does, so it can be captured in a CUDA graph."""
     images = images.detach()
     lower = (images - config.epsilon).clamp_(min=0.0)
     upper = (images + config.epsilon).clamp_(max=1.0)
@@ -99,10 +111,13 @@ def pgd_linf(
 def madry_batch_transform(
     config: PGDConfig, *, generator: torch.Generator | None = None
 ) -> Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A ``batch_transform`` for :func:`train_classifier` replacing batches by PGD examples."""
+    """A ``batch_transform`` for :func:`train_classifier` replacing batches by PGD examples.
+
+    The batches are the trainer's, checked once there, so none is checked again here: the
+    transform never waits on the GPU and can be captured in a CUDA graph."""
 
     def transform(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return pgd_linf(model, images, labels, config, generator=generator)
+        return _pgd_linf(model, images, labels, config, generator)
 
     return transform
 
@@ -117,6 +132,7 @@ def train_madry(
     device: torch.device | None = None,
     progress: bool = True,
     checkpoint: EpochCheckpoint | None = None,
+    cuda_graph: bool = False,
 ) -> TrainingHistory:
     """Adversarially train ``model`` on PGD examples only (Madry et al. 2018); eval mode after.
 
@@ -124,7 +140,8 @@ def train_madry(
     BatchNorm-free models such as :class:`~advdefense.nn.madry_cnn.MadryCNN` this equals
     Madry's TF code, which attacks the training-mode graph. Random starts draw from the global
     RNG, seeded by ``training.seed``. The history's loss and accuracy are on the PGD examples.
-    A ``checkpoint`` makes the run resumable epoch by epoch (:func:`train_classifier`).
+    A ``checkpoint`` makes the run resumable epoch by epoch, and ``cuda_graph`` replays each
+    step as a CUDA graph on a GPU (both: :func:`train_classifier`).
     """
     return train_classifier(
         model,
@@ -136,4 +153,5 @@ def train_madry(
         batch_transform=madry_batch_transform(pgd),
         checkpoint=checkpoint,
         run_identity={"adversarial_training": asdict(pgd)},
+        cuda_graph=cuda_graph,
     )

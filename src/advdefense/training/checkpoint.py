@@ -38,6 +38,8 @@ STATE_FILE = "training-state.safetensors"
 _FORMAT = 1
 _MODEL = "model."
 _OPTIMIZER = "optimizer."
+#: Optimizer options that say how it runs, not what it computes: restored as built, not as saved.
+_EXECUTION_OPTIONS = ("capturable", "differentiable", "foreach", "fused")
 _GENERATOR = "generator"
 _TORCH_RNG = "torch_rng"
 
@@ -176,7 +178,13 @@ class EpochCheckpoint:
                 state.setdefault(int(index), {})[name] = value
         for index, values in header["optimizer_scalars"].items():
             state.setdefault(int(index), {}).update(values)
-        optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        groups = [  # how this optimizer runs stays as built: a GPU run resumes on the CPU
+            {**saved_group, **{key: group[key] for key in _EXECUTION_OPTIONS if key in group}}
+            for saved_group, group in zip(
+                header["param_groups"], optimizer.param_groups, strict=False
+            )
+        ]
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
         generator.set_state(tensors[_GENERATOR])
         torch.set_rng_state(tensors[_TORCH_RNG])
         return ResumedRun(int(header["epochs_done"]), list(header["records"]))

@@ -12,9 +12,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from advdefense.devices import seed_everything
-from advdefense.errors import InputError
+from advdefense.errors import InputError, UserError
 from advdefense.modes import evaluation_mode
 from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun
+from advdefense.training.graphs import CapturedStep, TrainingStep
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = [
@@ -76,6 +77,7 @@ def train_classifier(
     batch_transform: BatchTransform | None = None,
     checkpoint: EpochCheckpoint | None = None,
     run_identity: Mapping[str, Any] | None = None,
+    cuda_graph: bool = False,
 ) -> TrainingHistory:
     """Train ``model`` with cross-entropy on ``(images, labels)``; leave it in eval mode.
 
@@ -92,16 +94,30 @@ def train_classifier(
     ``batch_transform``'s parameters); the caller removes the state once the model is saved.
     The learning rate is constant, so the state of a run asking for fewer epochs resumes into
     one asking for more: training longer continues instead of starting over.
+
+    ``cuda_graph`` replays each full batch's step as a CUDA graph (:class:`CapturedStep`):
+    the same updates, an order of magnitude faster for small models on small batches, such as
+    adversarial training. It needs a CUDA device and a ``batch_transform`` that never waits
+    on the GPU (:func:`~advdefense.defenses.adversarial_training.madry_batch_transform`
+    does not). It is not part of the run's identity: a run started on a GPU resumes on the CPU.
     """
     check_images(images, "images")
     check_labels(labels, "labels", batch_size=images.shape[0])
     device = device or next(model.parameters()).device
+    if cuda_graph and device.type != "cuda":
+        raise UserError(
+            f"cuda_graph needs a CUDA device, got {device}; train on a GPU or without it"
+        )
     generator = seed_everything(config.seed)
     model.to(device).train()
     optimizer: torch.optim.Optimizer
     if config.optimizer == "adam":
         optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+            model.parameters(),
+            lr=config.learning_rate,
+            weight_decay=config.weight_decay,
+            # the step count on the device, so that eager and graphed GPU runs update alike
+            capturable=device.type == "cuda",
         )
     else:
         optimizer = torch.optim.SGD(
@@ -131,6 +147,10 @@ def train_classifier(
     history = TrainingHistory(resumed.records_as(EpochRecord))
     count = images.shape[0]
     batches_per_epoch = math.ceil(count / config.batch_size)
+    step: TrainingStep = _training_step(model, optimizer, loss_function, batch_transform)
+    if cuda_graph:
+        step = CapturedStep(step, optimizer)
+        images, labels = images.to(device), labels.to(device)  # no host copy per batch
     bar = tqdm(
         total=config.epochs * batches_per_epoch,
         initial=resumed.epochs_done * batches_per_epoch,
@@ -141,28 +161,46 @@ def train_classifier(
     )
     try:
         for epoch in range(resumed.epochs_done + 1, config.epochs + 1):
-            order = torch.randperm(count, generator=generator)
-            total_loss, correct = 0.0, 0
+            order = torch.randperm(count, generator=generator).to(images.device)
+            # summed on the device in float64, read once per epoch: no wait on each batch
+            total_loss = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
             for start in range(0, count, config.batch_size):
                 index = order[start : start + config.batch_size]
-                batch_images = images[index].to(device)
                 batch_labels = labels[index].to(device)
-                if batch_transform is not None:
-                    with evaluation_mode(model):
-                        batch_images = batch_transform(model, batch_images, batch_labels)
-                optimizer.zero_grad(set_to_none=True)
-                logits = model(batch_images)
-                loss = loss_function(logits, batch_labels)
-                loss.backward()
-                optimizer.step()
-                total_loss += float(loss.detach()) * index.numel()
-                correct += int((logits.argmax(1) == batch_labels).sum())
+                loss, logits = step(images[index].to(device), batch_labels)
+                total_loss += loss.double() * index.numel()
+                correct += (logits.argmax(1) == batch_labels).sum()
                 bar.update(1)
-            record = EpochRecord(epoch, total_loss / count, correct / count)
+            record = EpochRecord(epoch, float(total_loss) / count, int(correct) / count)
             history.epochs.append(record)
             run.save(history.epochs)
             bar.set_postfix(epoch=epoch, loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.4f}")
     finally:
         bar.close()
         model.eval()
+        if cuda_graph:
+            optimizer.zero_grad(set_to_none=True)  # the graph's gradient buffers
     return history
+
+
+def _training_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_function: nn.Module,
+    batch_transform: BatchTransform | None,
+) -> TrainingStep:
+    """One update on a batch, batch transform included; returns the loss and the logits."""
+
+    def step(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch_transform is not None:
+            with evaluation_mode(model):
+                images = batch_transform(model, images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        logits = model(images)
+        loss = loss_function(logits, labels)
+        loss.backward()
+        optimizer.step()
+        return loss.detach(), logits.detach()
+
+    return step

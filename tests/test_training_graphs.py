@@ -1,0 +1,113 @@
+"""Training steps replayed as CUDA graphs: the same updates as eager training, and portable
+checkpoints. The equality test needs a GPU and is skipped without one."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from advdefense.defenses.adversarial_training import PGDConfig, train_madry
+from advdefense.errors import UserError
+from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
+from advdefense.training.checkpoint import EpochCheckpoint
+from advdefense.training.loop import TrainingConfig, train_classifier
+
+
+def _digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    labels = torch.arange(count) % 4
+    images = torch.rand(count, 1, 28, 28, generator=generator) * 0.3
+    for index, label in enumerate(labels.tolist()):
+        images[index, :, 7 * label : 7 * label + 7] += 0.6  # a bright band per class
+    return images.clamp(0, 1), labels
+
+
+def _train(
+    device: torch.device, cuda_graph: bool, adversarial: bool
+) -> tuple[MadryCNN, list[tuple[float, float]]]:
+    images, labels = _digits(230)  # four batches of 50 replayed, a last one of 30 run eagerly
+    torch.manual_seed(0)
+    model = MadryCNN(MadryCNNConfig(in_channels=1))
+    config = TrainingConfig(epochs=2, batch_size=50, learning_rate=1e-3, seed=0)
+    options: dict[str, Any] = {"device": device, "progress": False, "cuda_graph": cuda_graph}
+    if adversarial:
+        pgd = PGDConfig(epsilon=0.1, steps=5, step_size=0.03)
+        history = train_madry(model, images, labels, config, pgd, **options)
+    else:
+        history = train_classifier(model, images, labels, config, **options)
+    return model, [(record.loss, record.accuracy) for record in history.epochs]
+
+
+@pytest.fixture
+def deterministic_cudnn() -> Iterator[None]:
+    """Run-to-run identical convolutions: PGD's sign steps turn any rounding into a flip."""
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "madry"])
+def test_cuda_graph_training_makes_the_eager_updates(
+    adversarial: bool, deterministic_cudnn: None
+) -> None:
+    device = torch.device("cuda")
+    eager, eager_history = _train(device, cuda_graph=False, adversarial=adversarial)
+    graphed, graphed_history = _train(device, cuda_graph=True, adversarial=adversarial)
+    for (name, value), other in zip(
+        eager.state_dict().items(), graphed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=name)
+    assert graphed_history == pytest.approx(eager_history, rel=1e-5)
+    assert all(parameter.grad is None for parameter in graphed.parameters())
+
+
+def test_cuda_graph_without_a_gpu_names_the_problem() -> None:
+    images, labels = _digits(8)
+    model = MadryCNN(MadryCNNConfig(in_channels=1))
+    with pytest.raises(UserError, match="cuda_graph needs a CUDA device"):
+        train_classifier(
+            model,
+            images,
+            labels,
+            TrainingConfig(epochs=1, batch_size=4),
+            device=torch.device("cpu"),
+            progress=False,
+            cuda_graph=True,
+        )
+
+
+def test_a_state_saved_by_a_capturable_optimizer_resumes_on_the_cpu(tmp_path: Path) -> None:
+    """A GPU run's Adam is ``capturable``, which Adam refuses on CPU tensors: the restored
+    optimizer keeps its own setting, and the run goes on from the saved state."""
+    model = MadryCNN(MadryCNNConfig(in_channels=1))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = _digits(8)
+    torch.nn.functional.cross_entropy(model(images), labels).backward()
+    optimizer.step()
+    for group in optimizer.param_groups:
+        group["capturable"] = True  # as saved by a CUDA-graph run
+    checkpoint = EpochCheckpoint(tmp_path)
+    checkpoint.save(
+        identity={"run": 1},
+        epochs_done=1,
+        records=[],
+        model=model,
+        optimizer=optimizer,
+        generator=torch.Generator(),
+    )
+    resumed_model = MadryCNN(MadryCNNConfig(in_channels=1))
+    resumed = torch.optim.Adam(resumed_model.parameters(), lr=1e-3)
+    run = checkpoint.restore(
+        identity={"run": 1}, model=resumed_model, optimizer=resumed, generator=torch.Generator()
+    )
+    assert run.epochs_done == 1
+    assert all(group["capturable"] is False for group in resumed.param_groups)
+    torch.nn.functional.cross_entropy(resumed_model(images), labels).backward()
+    resumed.step()  # raises if the saved capturable flag had been restored
+    assert all(state["step"] == 2 for state in resumed.state.values())
