@@ -26,14 +26,35 @@ def _digits(count: int) -> tuple[torch.Tensor, torch.Tensor]:
     return images.clamp(0, 1), labels
 
 
+class _InterruptedError(Exception):
+    pass
+
+
+class _CrashAfterFirstEpoch(EpochCheckpoint):
+    """Saves like :class:`EpochCheckpoint`, then dies right after the first epoch."""
+
+    def save(self, **kwargs: Any) -> None:
+        super().save(**kwargs)
+        if kwargs["epochs_done"] == 1:
+            raise _InterruptedError
+
+
 def _train(
-    device: torch.device, cuda_graph: bool, adversarial: bool
+    device: torch.device,
+    cuda_graph: bool,
+    adversarial: bool,
+    checkpoint: EpochCheckpoint | None = None,
 ) -> tuple[MadryCNN, list[tuple[float, float]]]:
     images, labels = _digits(230)  # four batches of 50 replayed, a last one of 30 run eagerly
     torch.manual_seed(0)
     model = MadryCNN(MadryCNNConfig(in_channels=1))
     config = TrainingConfig(epochs=2, batch_size=50, learning_rate=1e-3, seed=0)
-    options: dict[str, Any] = {"device": device, "progress": False, "cuda_graph": cuda_graph}
+    options: dict[str, Any] = {
+        "device": device,
+        "progress": False,
+        "cuda_graph": cuda_graph,
+        "checkpoint": checkpoint,
+    }
     if adversarial:
         pgd = PGDConfig(epsilon=0.1, steps=5, step_size=0.03)
         history = train_madry(model, images, labels, config, pgd, **options)
@@ -65,6 +86,23 @@ def test_cuda_graph_training_makes_the_eager_updates(
         torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=name)
     assert graphed_history == pytest.approx(eager_history, rel=1e-5)
     assert all(parameter.grad is None for parameter in graphed.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_interrupted_gpu_run_resumes_to_the_uninterrupted_weights(
+    tmp_path: Path, deterministic_cudnn: None
+) -> None:
+    """The PGD random starts draw from the GPU's generator: its state is saved and restored."""
+    device = torch.device("cuda")
+    whole, whole_history = _train(device, cuda_graph=True, adversarial=True)
+    with pytest.raises(_InterruptedError):
+        _train(device, True, True, checkpoint=_CrashAfterFirstEpoch(tmp_path))
+    resumed, resumed_history = _train(device, True, True, checkpoint=EpochCheckpoint(tmp_path))
+    for (name, value), other in zip(
+        whole.state_dict().items(), resumed.state_dict().values(), strict=True
+    ):
+        torch.testing.assert_close(other, value, rtol=1e-5, atol=1e-6, msg=name)
+    assert resumed_history == pytest.approx(whole_history, rel=1e-5)
 
 
 def test_cuda_graph_without_a_gpu_names_the_problem() -> None:

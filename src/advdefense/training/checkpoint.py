@@ -3,7 +3,8 @@
 Long CPU runs (PDM on Fashion-MNIST, adversarial training) outlive a session. A trainer given
 an :class:`EpochCheckpoint` saves, after every epoch, everything the next epoch depends on: the
 model's state dict (BatchNorm buffers included), the optimizer's state (momentum buffers, Adam
-moments), the trainer's and torch's random-number generator states, and the history so far.
+moments), the trainer's and torch's random-number generator states (the CPU's, and the GPU's
+when the model is on one), and the history so far.
 Restarting the same run then continues from the last finished epoch and ends with the weights
 an uninterrupted run would have produced.
 
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from advdefense.errors import CheckpointError, UserError
+from advdefense.modes import device_of
 
 __all__ = ["STATE_FILE", "EpochCheckpoint", "ResumedRun", "TrackedRun", "data_digest"]
 
@@ -42,8 +44,15 @@ _OPTIMIZER = "optimizer."
 _EXECUTION_OPTIONS = ("capturable", "differentiable", "foreach", "fused")
 _GENERATOR = "generator"
 _TORCH_RNG = "torch_rng"
+_CUDA_RNG = "cuda_rng"
 
 Record = TypeVar("Record")
+
+
+def _cuda_device(model: nn.Module) -> torch.device | None:
+    """The CUDA device ``model`` is on, or None."""
+    device = device_of(model)
+    return device if device.type == "cuda" else None
 
 
 def data_digest(*tensors: torch.Tensor) -> str:
@@ -107,6 +116,9 @@ class EpochCheckpoint:
                     scalars.setdefault(str(index), {})[name] = value
         tensors[_GENERATOR] = generator.get_state()
         tensors[_TORCH_RNG] = torch.get_rng_state()
+        cuda = _cuda_device(model)
+        if cuda is not None:  # random starts of a GPU run (Madry's PGD) draw from it
+            tensors[_CUDA_RNG] = torch.cuda.get_rng_state(cuda)
         header = {
             "format": _FORMAT,
             "identity": dict(identity),
@@ -187,6 +199,9 @@ class EpochCheckpoint:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
         generator.set_state(tensors[_GENERATOR])
         torch.set_rng_state(tensors[_TORCH_RNG])
+        cuda = _cuda_device(model)
+        if cuda is not None and _CUDA_RNG in tensors:  # absent when saved on the CPU
+            torch.cuda.set_rng_state(tensors[_CUDA_RNG], cuda)
         return ResumedRun(int(header["epochs_done"]), list(header["records"]))
 
     def remove(self) -> None:
