@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
 from advdefense.defenses.adversarial_training import PGDConfig, train_madry
 from advdefense.errors import UserError
+from advdefense.nn.abs_cnn import AbsCNN, AbsCNNConfig
 from advdefense.nn.madry_cnn import MadryCNN, MadryCNNConfig
 from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.loop import TrainingConfig, train_classifier
@@ -42,12 +44,18 @@ class _CrashAfterFirstEpoch(EpochCheckpoint):
 def _train(
     device: torch.device,
     cuda_graph: bool,
-    adversarial: bool,
+    kind: str,
     checkpoint: EpochCheckpoint | None = None,
-) -> tuple[MadryCNN, list[tuple[float, float]]]:
+) -> tuple[nn.Module, list[tuple[float, float]]]:
+    """``kind``: "madry" (PGD training of the Madry CNN), "plain" (the same CNN on clean
+    images) or "batchnorm" (the ABS CNN, whose BatchNorm updates buffers in each step)."""
     images, labels = _digits(230)  # four batches of 50 replayed, a last one of 30 run eagerly
     torch.manual_seed(0)
-    model = MadryCNN(MadryCNNConfig(in_channels=1))
+    model: nn.Module = (
+        AbsCNN(AbsCNNConfig(in_channels=1))
+        if kind == "batchnorm"
+        else MadryCNN(MadryCNNConfig(in_channels=1))
+    )
     config = TrainingConfig(epochs=2, batch_size=50, learning_rate=1e-3, seed=0)
     options: dict[str, Any] = {
         "device": device,
@@ -55,7 +63,7 @@ def _train(
         "cuda_graph": cuda_graph,
         "checkpoint": checkpoint,
     }
-    if adversarial:
+    if kind == "madry":
         pgd = PGDConfig(epsilon=0.1, steps=5, step_size=0.03)
         history = train_madry(model, images, labels, config, pgd, **options)
     else:
@@ -73,13 +81,11 @@ def deterministic_cudnn() -> Iterator[None]:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("adversarial", [False, True], ids=["plain", "madry"])
-def test_cuda_graph_training_makes_the_eager_updates(
-    adversarial: bool, deterministic_cudnn: None
-) -> None:
+@pytest.mark.parametrize("kind", ["plain", "madry", "batchnorm"])
+def test_cuda_graph_training_makes_the_eager_updates(kind: str, deterministic_cudnn: None) -> None:
     device = torch.device("cuda")
-    eager, eager_history = _train(device, cuda_graph=False, adversarial=adversarial)
-    graphed, graphed_history = _train(device, cuda_graph=True, adversarial=adversarial)
+    eager, eager_history = _train(device, cuda_graph=False, kind=kind)
+    graphed, graphed_history = _train(device, cuda_graph=True, kind=kind)
     for (name, value), other in zip(
         eager.state_dict().items(), graphed.state_dict().values(), strict=True
     ):
@@ -94,10 +100,10 @@ def test_an_interrupted_gpu_run_resumes_to_the_uninterrupted_weights(
 ) -> None:
     """The PGD random starts draw from the GPU's generator: its state is saved and restored."""
     device = torch.device("cuda")
-    whole, whole_history = _train(device, cuda_graph=True, adversarial=True)
+    whole, whole_history = _train(device, cuda_graph=True, kind="madry")
     with pytest.raises(_InterruptedError):
-        _train(device, True, True, checkpoint=_CrashAfterFirstEpoch(tmp_path))
-    resumed, resumed_history = _train(device, True, True, checkpoint=EpochCheckpoint(tmp_path))
+        _train(device, True, "madry", checkpoint=_CrashAfterFirstEpoch(tmp_path))
+    resumed, resumed_history = _train(device, True, "madry", checkpoint=EpochCheckpoint(tmp_path))
     for (name, value), other in zip(
         whole.state_dict().items(), resumed.state_dict().values(), strict=True
     ):
