@@ -1,5 +1,5 @@
 """Training steps replayed as CUDA graphs: the same updates as eager training, and portable
-checkpoints. The equality test needs a GPU and is skipped without one."""
+checkpoints. The tests that run training on a GPU are skipped without one."""
 
 from __future__ import annotations
 
