@@ -35,8 +35,12 @@ the expensive stages follow model by model (every stage resumable, tables rewrit
    constant (``WHITE_BOX_ROUNDS``), "until every example fools the classifier and evades
    detection", and last in three rounds of our own (:func:`white_box_round`). Reported:
    ``d = mean ||x - x_adv||_2 / sqrt(number of input values)`` over the
-   successes, and the AUC. ``WHITE_BOX_BATCH`` samples at a time, taking the models in turn
-   (each batch saved when done), so that every model has results early.
+   successes, and the AUC. ``attack_batch`` samples at a time (``--attack-batch``; default
+   ``WHITE_BOX_BATCH`` on a CPU, all of them at once on a GPU), taking the models in turn
+   (each batch saved when done), so that every model has results early. Samples are attacked
+   independently (per-sample constants and early abort), so the batch size changes the speed,
+   not the attack (up to floating-point rounding), and a run may resume a cache with another
+   batch size.
 7. ``blackbox``: Table 4, a ResNet-32 proxy distilled from the defended model (trained with
    cross-entropy on the defended model's predicted labels of the training images), a KDE
    detector fitted on the proxy, C&W-wb on proxy + proxy KDE, transferred to the defended model;
@@ -184,7 +188,7 @@ ADAPTIVE_STEPS = 100
 ATTACK_BATCH = 100
 # C&W-wb runs up to 45,000 Adam steps per batch (hours on a CPU core): small batches, each
 # saved when done, so that an interrupted run loses little and results grow across sessions.
-WHITE_BOX_BATCH = 10  # also the black-box stage's batch
+WHITE_BOX_BATCH = 10  # also the black-box stage's batch; on a GPU, STRONG_N (one batch)
 WHITE_BOX_ATTACK = CarliniWagnerDetectorAttack()  # Appendix C's C&W-wb (class defaults)
 WhiteBoxGuide = Literal["smoothed", "dense-support"]
 WHITE_BOX_ROUNDS = 6  # rounds 0-2: phase 2's constant x1,000 per round; 3-5: our own (below)
@@ -273,10 +277,18 @@ class Setting:
     seed: int
     progress: bool
     device: torch.device
+    attack_batch: int | None = None  # C&W-wb samples per batch; None: default_attack_batch
 
     @property
     def strong_n(self) -> int:
         return min(self.n, STRONG_N)
+
+    @property
+    def detector_attack_batch(self) -> int:
+        """Samples per batch of stages 6 and 7: ``attack_batch``, else the device's default."""
+        if self.attack_batch is not None:
+            return self.attack_batch
+        return WHITE_BOX_BATCH if self.device.type == "cpu" else STRONG_N
 
     @property
     def models_dir(self) -> Path:
@@ -307,17 +319,22 @@ def reproduce(
     models: Sequence[str] = MODELS,
     datasets: Sequence[str] | None = None,
     stages: Sequence[str] = STAGES,
+    attack_batch: int | None = None,
 ) -> None:
     """Train or load the models, run the resumable stages, write the tables.
 
     ``models``, ``datasets`` and ``stages`` (``--models``, ``--datasets``, ``--stages``)
     restrict the work; tables show what has run. ``n`` (``--n``) is the number of test samples
-    of FGSM, BIM and C&W; the expensive attacks take ``min(n, 200)``.
+    of FGSM, BIM and C&W; the expensive attacks take ``min(n, 200)``. ``attack_batch``
+    (``--attack-batch``): samples per C&W-wb batch of stages 6 and 7 (speed only; see
+    :attr:`Setting.detector_attack_batch` for the default).
     """
     check_choices(models, MODELS, "model")
     check_choices(stages, STAGES, "stage")
     if n is not None and n < 1:
         raise UserError(f"--n must be positive, got {n}")
+    if attack_batch is not None and attack_batch < 1:
+        raise UserError(f"--attack-batch must be positive, got {attack_batch}")
     chosen = [name for name in MODELS if name in models]
     for dataset in datasets or _datasets(device):
         if dataset not in DATASETS:
@@ -326,7 +343,7 @@ def reproduce(
         print(f"== {dataset} -> {directory}")
         splits = load_splits(dataset)
         count = min(n or DEFAULT_N, int(splits.test.images.shape[0]))
-        setting = Setting(dataset, directory, splits, count, seed, progress, device)
+        setting = Setting(dataset, directory, splits, count, seed, progress, device, attack_batch)
         defended: dict[str, Defended] = {}
         for name in chosen:  # each model through the cheap stages as soon as it exists
             with _stage("train", setting, name):
@@ -357,14 +374,16 @@ def reproduce(
 def _detector_attack_batches(
     setting: Setting, white_box: Mapping[str, Defended], stages: Sequence[str]
 ) -> None:
-    """Stages 6 and 7 up to each batch limit in turn: per limit, each stage on every model."""
-    batch_limits = (*range(1, -(-setting.strong_n // WHITE_BOX_BATCH) + 1), None)
-    for batches in batch_limits:
+    """Stages 6 and 7 up to each sample limit in turn (a batch's worth more each time, then
+    no limit): per limit, each stage on every model."""
+    step = setting.detector_attack_batch
+    sample_limits = (*range(step, setting.strong_n + step, step), None)
+    for limit in sample_limits:
         for stage in stages:
             attack = _whitebox if stage == "whitebox" else _blackbox
             for name, parts in white_box.items():
                 with _stage(stage, setting, name):
-                    attack(setting, name, parts, batches)
+                    attack(setting, name, parts, limit)
 
 
 @contextmanager
@@ -798,7 +817,7 @@ def _detector_attack(
     attacker: ResNet,
     attacker_kde: KDEDetector,
     defended: Defended,
-    batch_limit: int | None = None,
+    sample_limit: int | None = None,
 ) -> dict[str, Any]:
     """C&W-wb on ``attacker`` + ``attacker_kde``, judged by ``defended``; cached per batch.
 
@@ -813,7 +832,9 @@ def _detector_attack(
     classes' clean digits). Samples that fail are attacked again with a larger constant, for
     up to ``WHITE_BOX_ROUNDS`` rounds (:func:`white_box_round`), before the next batch starts:
     a finished batch's results are final, so a partial run reports finished samples only.
-    With ``batch_limit``, stops after that many batches (each with its retries).
+    With ``sample_limit``, attacks only the batches that start before that many attacked
+    samples (each with its retries). Batches hold :attr:`Setting.detector_attack_batch`
+    samples, except those already in the cache (:func:`_batches`).
     """
     images, labels = setting.test_images(setting.strong_n)
     fingerprint = f"{model_fingerprint(attacker_kde)}/{model_fingerprint(defended.kde)}"
@@ -843,14 +864,12 @@ def _detector_attack(
         state["clean_scores"] = detector_scores(defended.kde, images).tolist()
         _write_json(path, state)
     targets = torch.tensor(state["targets"], dtype=torch.int64)
-    attacked = state["attacked"]
-    for start in range(0, len(attacked), WHITE_BOX_BATCH):
-        if batch_limit is not None and start >= batch_limit * WHITE_BOX_BATCH:
+    for start, chosen in _batches(state, setting.detector_attack_batch):
+        if sample_limit is not None and int(start) >= sample_limit:
             break
-        chosen = attacked[start : start + WHITE_BOX_BATCH]
         for round_index in range(WHITE_BOX_ROUNDS):
             current = _white_box_round_state(state, round_index)
-            if str(start) in current["batches"]:
+            if start in current["batches"]:
                 continue
             final = final_records(state, include_unfinished=True)
             failing = [i for i in chosen if not final.get(i, {}).get("success")]
@@ -884,9 +903,28 @@ def _detector_attack(
             record["adversarials"] = f"{path.stem}-r{round_index}-{start}.safetensors"
             save_file({"adversarials": adversarials}, str(folder / record["adversarials"]))
             current["samples"].extend(i for i in failing if i not in current["samples"])
-            current["batches"][str(start)] = record
+            current["batches"][start] = record
             _write_json(path, state)
     return state
+
+
+def _batches(state: Mapping[str, Any], size: int) -> list[tuple[str, list[int]]]:
+    """A C&W-wb cache's batches, as (start in ``state["attacked"]``, test indices): those
+    its first round attacked (whatever size they had), then the rest in batches of ``size``.
+    Samples are attacked independently, so a cache resumes at any batch size."""
+    rounds = state.get("rounds", [])
+    first = rounds[0]["batches"] if rounds else {}
+    batches = sorted(
+        ((start, list(record["indices"])) for start, record in first.items()),
+        key=lambda batch: int(batch[0]),
+    )
+    attacked = state["attacked"]
+    position = max((int(start) + len(indices) for start, indices in batches), default=0)
+    batches += [
+        (str(start), attacked[start : start + size])
+        for start in range(position, len(attacked), size)
+    ]
+    return batches
 
 
 def _white_box_round_state(state: dict[str, Any], round_index: int) -> dict[str, Any]:
@@ -1055,18 +1093,18 @@ def final_records(
 
 
 def _whitebox(
-    setting: Setting, name: str, defended: Defended, batch_limit: int | None = None
+    setting: Setting, name: str, defended: Defended, sample_limit: int | None = None
 ) -> None:
     """Table 3: C&W-wb on the defended classifier and its own KDE."""
     path = setting.run_dir("whitebox") / f"{name}.json"
-    _detector_attack(setting, path, defended.classifier, defended.kde, defended, batch_limit)
+    _detector_attack(setting, path, defended.classifier, defended.kde, defended, sample_limit)
 
 
 def _blackbox(
-    setting: Setting, name: str, defended: Defended, batch_limit: int | None = None
+    setting: Setting, name: str, defended: Defended, sample_limit: int | None = None
 ) -> None:
-    """Table 4: C&W-wb on a distilled ResNet-32 proxy and its KDE, transferred (up to
-    ``batch_limit`` batches)."""
+    """Table 4: C&W-wb on a distilled ResNet-32 proxy and its KDE, transferred (the
+    batches that start before ``sample_limit`` attacked samples)."""
     proxy = _proxy(setting, name, defended.classifier)
     path = setting.models_dir / f"{name}-proxy-kde"
     proxy_kde = _saved_detector(path, proxy, setting.device)
@@ -1079,7 +1117,7 @@ def _blackbox(
         proxy,
         proxy_kde,
         defended,
-        batch_limit,
+        sample_limit,
     )
     if "proxy" not in state:
         saved = load_config(setting.models_dir / f"{name}-proxy")

@@ -305,9 +305,13 @@ def test_reproduce_lists_and_runs_a_recipe(
     assert code == 2 and "takes no --models" in err
     code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--stages", "a")
     assert code == 2 and "takes no --stages" in err
+    code, _, err = _run(
+        capsys, "reproduce", "marker", "--recipes", str(recipes), "--attack-batch", "5"
+    )
+    assert code == 2 and "takes no --attack-batch" in err
 
 
-def test_reproduce_passes_models_datasets_and_stages(
+def test_reproduce_passes_models_datasets_stages_and_attack_batch(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     recipes = tmp_path / "recipes"
@@ -315,17 +319,17 @@ def test_reproduce_passes_models_datasets_and_stages(
     (recipes / "picky.py").write_text(
         "from pathlib import Path\n"
         "def reproduce(out, device, seed, progress, n, models=('x',), datasets=None,\n"
-        "              stages=('all',)):\n"
+        "              stages=('all',), attack_batch=None):\n"
         "    Path(out).mkdir(parents=True, exist_ok=True)\n"
-        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets} {stages}')\n"
+        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets} {stages} {attack_batch}')\n"
     )
     arguments = ("reproduce", "picky", "--recipes", str(recipes), "--out", str(tmp_path / "o"))
     code, _, err = _run(capsys, *arguments, "--models", "dim, bidim", "--datasets", "mnist")
     assert code == 0, err
-    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',) ('all',)"
-    code, _, err = _run(capsys, *arguments, "--stages", "whitebox,blackbox")
+    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',) ('all',) None"
+    code, _, err = _run(capsys, *arguments, "--stages", "whitebox,blackbox", "--attack-batch", "7")
     assert code == 0, err
-    assert (tmp_path / "o" / "done.txt").read_text() == "('x',) None ('whitebox', 'blackbox')"
+    assert (tmp_path / "o" / "done.txt").read_text() == "('x',) None ('whitebox', 'blackbox') 7"
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments, "--models", ","])
     assert exit_info.value.code == 2 and "comma-separated" in capsys.readouterr().err

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -297,7 +297,12 @@ def test_stages_choose_the_work_and_the_detector_attacks_alternate(
     always = [(stage, name) for name in models for stage in ("train", "table1", "detectors")]
     adaptive = [("adaptive", name) for name in models]
     assert ran == always + adaptive + [("blackbox", name) for name in models] * 4
-    assert limits == [1, 1, 2, 2, 3, 3, None, None]  # batches of 2, then whatever is left
+    assert limits == [2, 2, 4, 4, 6, 6, None, None]  # a batch of 2 more samples each time
+    limits.clear()
+    recipe.reproduce(*arguments, ("whitebox",), 4)  # --attack-batch 4
+    assert limits == [4, 4, 8, 8, None, None]
+    with pytest.raises(UserError, match="--attack-batch must be positive, got 0"):
+        recipe.reproduce(*arguments, ("whitebox",), 0)
     ran.clear()
     recipe.reproduce(*arguments, ("whitebox", "blackbox", "graybox"))
     graybox = [("graybox", name) for name in models]
@@ -479,7 +484,8 @@ def test_recipe_runs_every_stage_then_resumes(
         assert (directory / name).is_file()
     assert "RVL weighted 0.1" in (directory / "setup.md").read_text()
 
-    # a second run loads every model and detector and skips every finished attack
+    # a second run loads every model and detector and skips every finished attack, also at
+    # another batch size (the caches hold batches of 2)
     records = {
         run: (directory / "runs" / run / "records.jsonl").read_text()
         for run in ("graybox-linf-0.05", "graybox-cw", "graybox-jsma", "graybox-cw-hc")
@@ -503,7 +509,9 @@ def test_recipe_runs_every_stage_then_resumes(
     monkeypatch.setattr(recipe.KDEDetector, "fit", _refuse)
     monkeypatch.setattr(recipe.MahalanobisDetector, "fit", _refuse)
     monkeypatch.setattr(recipe, "tsne", _refuse)
-    recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,))
+    recipe.reproduce(
+        tmp_path, torch.device("cpu"), 0, False, 12, models, (DATASET,), attack_batch=3
+    )
     for run, text in records.items():
         assert (directory / "runs" / run / "records.jsonl").read_text() == text
     assert (directory / "table3.md").read_text() == table3
@@ -555,6 +563,35 @@ def test_recipe_runs_every_stage_then_resumes(
     table3 = (directory / "table3.md").read_text()
     assert _row(table3, "| ce (unverified) | linf |") and _row(table3, "| pdm | linf |")
     assert recipe.UNVERIFIED_NOTE in table3 and recipe.STALE_NOTE not in table3
+
+
+def test_detector_attack_batches_resume_at_any_size() -> None:
+    recipe = _recipe()
+    attacked = [0, 2, 3, 5, 6, 7, 9]
+    state: dict[str, Any] = {"attacked": attacked, "rounds": []}
+    assert recipe._batches(state, 3) == [("0", [0, 2, 3]), ("3", [5, 6, 7]), ("6", [9])]
+    # a cache whose first round attacked batches of 2 (one retried): those stay, the rest
+    # follows in batches of the new size
+    state["rounds"] = [
+        {"batches": {"2": {"indices": [3, 5]}, "0": {"indices": [0, 2]}}},
+        {"batches": {"2": {"indices": [5]}}},
+    ]
+    assert recipe._batches(state, 4) == [("0", [0, 2]), ("2", [3, 5]), ("4", [6, 7, 9])]
+    assert recipe._batches(state, 1)[2:] == [("4", [6]), ("5", [7]), ("6", [9])]
+
+
+def test_detector_attack_batch_defaults_to_the_device() -> None:
+    recipe = _recipe()
+    splits = cast(Any, None)
+    for device, explicit, expected in (
+        ("cpu", None, recipe.WHITE_BOX_BATCH),
+        ("cuda", None, recipe.STRONG_N),
+        ("cuda", 7, 7),
+    ):
+        setting = recipe.Setting(
+            DATASET, Path("."), splits, 1000, 0, False, torch.device(device), explicit
+        )
+        assert setting.detector_attack_batch == expected
 
 
 def test_recipe_rejects_unknown_names(tmp_path: Path) -> None:

@@ -291,6 +291,12 @@ def _build_parser() -> argparse.ArgumentParser:
         help="only these of the recipe's optional stages, comma-separated (recipes that take "
         "`stages`; the stages a chosen one needs always run)",
     )
+    reproduce.add_argument(
+        "--attack-batch",
+        type=int,
+        help="samples per batch of the recipe's long attacks (recipes that take `attack_batch`;"
+        " speed only, e.g. larger on a GPU)",
+    )
     _common(reproduce, out_default="results")
     reproduce.set_defaults(handler=_reproduce)
 
@@ -523,13 +529,14 @@ def _reproduce(args: argparse.Namespace) -> None:
             ("models", args.models),
             ("datasets", args.datasets),
             ("stages", args.stages),
+            ("attack_batch", args.attack_batch),
         )
         if value is not None
     }
     accepted = inspect.signature(run).parameters
     for name in options:
         if name not in accepted:
-            raise UserError(f"recipe {path.stem} takes no --{name}")
+            raise UserError(f"recipe {path.stem} takes no --{name.replace('_', '-')}")
     run(
         out=args.out,
         device=resolve_device(args.device),
