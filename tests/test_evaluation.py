@@ -16,6 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+import eagerpy as ep
+import foolbox as fb
 import numpy as np
 import pytest
 import torch
@@ -41,7 +43,7 @@ from advdefense.evaluation.runner import run_fixed, run_minimal
 from advdefense.evaluation.sanity import model_flags
 from advdefense.evaluation.store import ResultStore, model_fingerprint
 from advdefense.evaluation.summary import ModelSummary, summarize_fixed, summarize_minimal
-from advdefense.modes import evaluation_mode
+from advdefense.modes import attack_mode, evaluation_mode
 from advdefense.registry import register_model
 
 THRESHOLDS = {"l2": 1.5, "linf": 0.3}
@@ -97,6 +99,71 @@ def test_evaluation_mode_restores_each_submodule() -> None:
     with evaluation_mode(model):
         assert not model.training and not model.dropout.training
     assert model.training and not model.dropout.training
+
+
+def test_attack_mode_freezes_parameters_and_restores_them() -> None:
+    model = Brightness().train()
+    model.scale.requires_grad_(True)
+    frozen_before = nn.Linear(2, 2).requires_grad_(False)
+    model.extra = frozen_before
+    with pytest.raises(RuntimeError, match="inside"), attack_mode(model):
+        assert not model.training
+        assert not any(parameter.requires_grad for parameter in model.parameters())
+        raise RuntimeError("inside")
+    assert model.training and model.scale.requires_grad
+    assert not any(parameter.requires_grad for parameter in frozen_before.parameters())
+
+
+def test_frozen_parameters_give_foolbox_the_same_input_gradients() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(64, 3)).eval()
+    images = ep.astensor(torch.rand(5, 1, 6, 6))
+    labels = ep.astensor(torch.tensor([0, 1, 2, 0, 1]))
+
+    def gradient() -> torch.Tensor:
+        foolbox_model = fb.PyTorchModel(model, bounds=(0.0, 1.0))
+
+        def loss(inputs: ep.Tensor) -> ep.Tensor:
+            return ep.crossentropy(foolbox_model(inputs), labels).sum()
+
+        return ep.value_and_grad(loss, images)[1].raw
+
+    trained = gradient()
+    assert all(parameter.grad is not None for parameter in model.parameters())
+    model.zero_grad(set_to_none=True)
+    with attack_mode(model):
+        frozen = gradient()
+    assert torch.equal(frozen, trained)
+    assert all(parameter.grad is None for parameter in model.parameters())
+
+
+def test_attacks_leave_no_weight_gradients(tmp_path: Path) -> None:
+    images, labels = _data()
+    model = Brightness()
+    store = ResultStore(tmp_path)
+    run_minimal(
+        model,
+        images,
+        labels,
+        DETERMINISTIC,
+        store,
+        model_name="b",
+        thresholds=THRESHOLDS,
+        progress=False,
+    )
+    assert model.scale.grad is None and model.scale.requires_grad
+    run_fixed(
+        model,
+        images,
+        labels,
+        DETERMINISTIC,
+        store,
+        model_name="b",
+        norm="linf",
+        epsilon=0.1,
+        progress=False,
+    )
+    assert model.scale.grad is None and model.scale.requires_grad
 
 
 def test_minimal_mode_sanity(tmp_path: Path) -> None:

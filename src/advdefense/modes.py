@@ -1,4 +1,4 @@
-"""Train/eval mode handling shared by every layer."""
+"""Train/eval mode (and attack mode) handling shared by every layer."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-__all__ = ["device_of", "evaluation_mode"]
+__all__ = ["attack_mode", "device_of", "evaluation_mode"]
 
 
 @contextlib.contextmanager
@@ -21,6 +21,26 @@ def evaluation_mode(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """:func:`evaluation_mode` with every parameter frozen (``requires_grad`` False) for the
+    block; both restored afterwards.
+
+    An attack needs gradients with respect to its inputs only. Foolbox takes them with
+    eagerpy's ``loss.backward()``, which would also compute (and accumulate) the gradient of
+    every weight: a third of a ResNet's backward pass, measured by
+    ``benchmarks/frozen_parameters.py``. The input gradients are the same either way."""
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    with evaluation_mode(model):
+        try:
+            for parameter, _ in flags:
+                parameter.requires_grad_(False)
+            yield model
+        finally:
+            for parameter, requires_grad in flags:
+                parameter.requires_grad_(requires_grad)
 
 
 def device_of(model: nn.Module) -> torch.device:

@@ -38,7 +38,7 @@ from advdefense.errors import InputError
 from advdefense.evaluation.counting import CallCounter
 from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
 from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_binarized
-from advdefense.modes import device_of, evaluation_mode
+from advdefense.modes import attack_mode, device_of
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = ["CallCounter", "plan_minimal_keys", "run_fixed", "run_minimal"]
@@ -244,7 +244,7 @@ def run_minimal(
     device = device_of(model)
     keys: list[str] = []
     ticker = _PassTicker()
-    with evaluation_mode(model):
+    with attack_mode(model):
         counter = CallCounter(model, ticker)
         foolbox_model = PyTorchModel(counter, bounds=(0.0, 1.0), device=device)
         starts = range(0, images.shape[0], batch_size)
@@ -609,7 +609,7 @@ def run_fixed(
     keys: list[str] = []
     position_of = {index: position for position, index in enumerate(indices)}
     ticker = _PassTicker()
-    with evaluation_mode(model):
+    with attack_mode(model):
         counter = CallCounter(model, ticker)
         with torch.no_grad():
             clean_predicted = torch.cat(
