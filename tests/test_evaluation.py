@@ -138,31 +138,11 @@ def test_frozen_parameters_give_foolbox_the_same_input_gradients() -> None:
 
 
 def test_attacks_leave_no_weight_gradients(tmp_path: Path) -> None:
-    images, labels = _data()
     model = Brightness()
-    store = ResultStore(tmp_path)
-    run_minimal(
-        model,
-        images,
-        labels,
-        DETERMINISTIC,
-        store,
-        model_name="b",
-        thresholds=THRESHOLDS,
-        progress=False,
-    )
+    arguments = (model, *_data(), DETERMINISTIC, ResultStore(tmp_path))
+    run_minimal(*arguments, model_name="b", thresholds=THRESHOLDS, progress=False)
     assert model.scale.grad is None and model.scale.requires_grad
-    run_fixed(
-        model,
-        images,
-        labels,
-        DETERMINISTIC,
-        store,
-        model_name="b",
-        norm="linf",
-        epsilon=0.1,
-        progress=False,
-    )
+    run_fixed(*arguments, model_name="b", norm="linf", epsilon=0.1, progress=False)
     assert model.scale.grad is None and model.scale.requires_grad
 
 
