@@ -5,7 +5,8 @@ Run: ``OMP_NUM_THREADS=1 .venv/bin/python benchmarks/dim_throughput.py [--repeat
 (10 batches of 256) in one process; the rounds alternate between the models so that load on a
 shared machine hits all of them alike, and each model's median round is reported with its ratio
 to the CNN's. Two columns: prediction only (``torch.no_grad``), and forward + backward to the
-input, which is what every gradient attack pays per step (for biDIM through its first declared
+input with the weights frozen, which is what every gradient attack pays per step in the harness
+(:func:`advdefense.modes.attack_mode`; for biDIM through its first declared
 surrogate, the sigmoid proxy; an attack pays that once per surrogate). Weights do not change the
 cost: with no ``--dim`` / ``--cnn`` the models keep their seed-0 initialisation.
 """
@@ -25,6 +26,7 @@ import advdefense
 from advdefense.data import load_dataset
 from advdefense.declaration import declaration_of
 from advdefense.defenses.dim import DIM, BiDIM
+from advdefense.modes import attack_mode
 from advdefense.nn import AbsCNN
 
 BATCH = 256
@@ -39,10 +41,11 @@ def _predict(model: nn.Module, batches: list[torch.Tensor]) -> None:
 
 def _gradient(model: nn.Module, batches: list[torch.Tensor]) -> None:
     surrogates = declaration_of(model).surrogates
-    model = next(iter(surrogates.values())) if surrogates else model
-    for batch in batches:
-        inputs = batch.clone().requires_grad_(True)
-        model(inputs).sum().backward()
+    target = next(iter(surrogates.values())) if surrogates else model
+    with attack_mode(model):  # as the harness attacks: weights frozen
+        for batch in batches:
+            inputs = batch.clone().requires_grad_(True)
+            target(inputs).sum().backward()
 
 
 def _rounds(
