@@ -277,7 +277,7 @@ class Setting:
     seed: int
     progress: bool
     device: torch.device
-    attack_batch: int | None = None  # C&W-wb samples per batch; None: default_attack_batch
+    attack_batch: int | None = None  # C&W-wb samples per batch; None: the device's default
 
     @property
     def strong_n(self) -> int:

@@ -30,7 +30,7 @@ def attack_mode(model: nn.Module) -> Iterator[nn.Module]:
 
     An attack needs gradients with respect to its inputs only. Foolbox takes them with
     eagerpy's ``loss.backward()``, which would also compute (and accumulate) the gradient of
-    every weight: a third of a ResNet's backward pass, measured by
+    every weight: about a third of a ResNet-20's gradient step on a CPU, measured by
     ``benchmarks/frozen_parameters.py``. The input gradients are the same either way."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     with evaluation_mode(model):
