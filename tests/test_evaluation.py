@@ -778,14 +778,46 @@ def test_an_unfinished_run_redoes_lost_adversarials_only_where_needed(tmp_path: 
     with ResultStore(tmp_path) as store:
         run_minimal(Brightness(), images, labels, suite, store, keep_adversarials=True, **arguments)
         assert not any(store.lost(key) for key in keys)
-    # a batch with an attack still to run redoes its lost adversarials (starting points)
+    # an attack still to run that starts from nothing redoes nothing
     records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
     kept = [r for r in records if r["key"] != keys[5]]
     (tmp_path / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     _without_adversarials(tmp_path)
     with ResultStore(tmp_path) as store:
         run_minimal(Brightness(), images, labels, suite, store, **arguments)
-        assert [store.lost(key) for key in keys] == [True] * 3 + [False] * 3
+        assert [store.lost(key) for key in keys] == [True] * 5 + [False]
+
+
+def test_lost_adversarials_are_redone_just_before_an_attack_starts_from_them(
+    tmp_path: Path,
+) -> None:
+    images, labels = _data(20)
+    arguments = {**_minimal_arguments(batch_size=20), "thresholds": {**THRESHOLDS, "l0": 12.0}}
+    suite = _suite("fgsm", "l2-deepfool", "l2-pgd", "l0-pointwise-x10")
+    with ResultStore(tmp_path / "whole") as store:
+        whole = run_minimal(Brightness(), images, labels, suite, store, **arguments)
+    uninterrupted = {
+        r["attack"]: r for r in ResultStore(tmp_path / "whole", writable=False).records()
+    }
+    # a fresh checkout of a batch interrupted after its first two attacks: their records
+    # without adversarials
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    first_two = (tmp_path / "whole" / "records.jsonl").read_text().splitlines()[:2]
+    (resumed / "records.jsonl").write_text("".join(line + "\n" for line in first_two))
+    with ResultStore(resumed) as store:
+        assert run_minimal(Brightness(), images, labels, suite, store, **arguments) == whole
+    appended = [json.loads(line) for line in (resumed / "records.jsonl").read_text().splitlines()]
+    # l2-pgd starts from nothing and runs first; Pointwise starts from every earlier attack,
+    # so the two lost records are redone just before it
+    assert [r["attack"] for r in appended[2:]] == [
+        "l2-pgd",
+        "fgsm",
+        "l2-deepfool",
+        "l0-pointwise-x10",
+    ]
+    for record in appended[2:]:
+        assert record["distances"] == uninterrupted[record["attack"]]["distances"]
 
 
 def test_model_fingerprint_tracks_weights() -> None:

@@ -152,14 +152,15 @@ def _starting_points(
     return best_starting_points(counter, images, labels, pool, entry.norm)
 
 
-def _earlier_adversarials(
-    store: ResultStore, keys_so_far: dict[str, str], entry: AttackEntry, device: torch.device
-) -> list[torch.Tensor]:
+def _start_sources(entries: Sequence[AttackEntry], position: int) -> list[int]:
+    """Positions of the earlier entries whose adversarials ``entries[position]`` starts from:
+    none, the one named by ``start_from`` (when it ran before), or every earlier one."""
+    entry = entries[position]
+    if not entry.needs_starting_point:
+        return []
     if entry.start_from is not None:
-        sources = [keys_so_far[entry.start_from]] if entry.start_from in keys_so_far else []
-    else:
-        sources = [key for attack_id, key in keys_so_far.items() if attack_id != entry.id]
-    return [adv.to(device) for key in sources if (adv := store.adversarials(key)) is not None]
+        return [i for i in range(position) if entries[i].id == entry.start_from]
+    return list(range(position))
 
 
 def _entry_grid(
@@ -230,8 +231,8 @@ def run_minimal(
     """Minimal-distance evaluation of every suite entry; returns the record keys, in order.
 
     A finished record whose adversarials file is gone (:meth:`ResultStore.lost`) is redone
-    where they are needed: in a batch with attacks still to run (their starting points) and,
-    with ``keep_adversarials`` (a detector will score them), everywhere.
+    where they are needed: just before an attack still to run that starts from them and, with
+    ``keep_adversarials`` (a detector will score them), everywhere.
     """
     indices = list(range(images.shape[0])) if indices is None else list(indices)
     _validated(images, labels, indices)
@@ -252,14 +253,12 @@ def run_minimal(
             batch_indices = indices[start : start + batch_size]
             batch = images[start : start + batch_size].to(device)
             batch_labels = labels[start : start + batch_size].to(device)
-            keys_so_far: dict[str, str] = {}
             batch_keys = [
                 _minimal_key(
                     context, entry, batch_indices, _entry_grid(entry, thresholds, grid_points)
                 )
                 for entry in suite.entries
             ]
-            redo_lost = keep_adversarials or any(key not in store for key in batch_keys)
             bar = tqdm(
                 suite.entries,
                 desc=f"{model_name} batch {start // batch_size + 1}/{len(starts)}",
@@ -268,44 +267,92 @@ def run_minimal(
                 leave=False,
                 mininterval=0,  # attacks are few and slow: show each one, skipped ones too
             )
-            for entry, key in zip(bar, batch_keys, strict=True):
+            attack = _MinimalBatch(
+                suite.entries,
+                batch_keys,
+                store,
+                context,
+                foolbox_model,
+                counter,
+                ticker,
+                batch,
+                batch_labels,
+                batch_indices,
+                thresholds,
+                grid_points,
+            )
+            for position, (entry, key) in enumerate(zip(bar, batch_keys, strict=True)):
                 ticker.start(bar, entry.id)
-                grid = _entry_grid(entry, thresholds, grid_points)
-                keys_so_far[entry.id] = key
                 keys.append(key)
-                if key in store and not (redo_lost and store.lost(key)):
+                if key in store and not (keep_adversarials and store.lost(key)):
                     continue
-                record, adversarials = _minimal_batch(
-                    entry,
-                    foolbox_model,
-                    counter,
-                    batch,
-                    batch_labels,
-                    grid,
-                    _starting_points(
-                        _earlier_adversarials(store, keys_so_far, entry, device),
-                        entry,
-                        counter,
-                        batch,
-                        batch_labels,
-                    ),
-                    _batch_seed(seed, entry.id, batch_indices),
-                    _FinishedTargets(store, key),
-                )
-                store.append(
-                    {
-                        "key": key,
-                        "mode": "minimal",
-                        "model": model_name,
-                        "model_fingerprint": context.fingerprint,
-                        "indices": batch_indices,
-                        "seed": seed,
-                        **_entry_fields(entry),
-                        **record,
-                    },
-                    adversarials.cpu(),
-                )
+                attack(position, bar)
     return keys
+
+
+@dataclass(frozen=True)
+class _MinimalBatch:
+    """Computes the records of one batch of a minimal-mode run, entry by entry.
+
+    A record whose adversarials are lost (a fresh checkout) is redone only when an entry about
+    to run starts from it, just before that entry: an attack that needs no starting point (C&W,
+    say, resumed from its finished surrogates) runs first. Every attack is seeded by its own
+    id and batch, so the order changes no result.
+    """
+
+    entries: Sequence[AttackEntry]
+    keys: Sequence[str]
+    store: ResultStore
+    context: RunContext
+    foolbox_model: PyTorchModel
+    counter: CallCounter
+    ticker: _PassTicker
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: list[int]
+    thresholds: dict[Norm, float]
+    grid_points: int
+
+    def __call__(self, position: int, bar: tqdm[Any]) -> None:
+        """Compute and append the record of ``entries[position]``, after redoing the lost
+        records it starts from."""
+        entry, key = self.entries[position], self.keys[position]
+        sources = _start_sources(self.entries, position)
+        for source in sources:
+            if self.store.lost(self.keys[source]):
+                self(source, bar)
+        self.ticker.start(bar, entry.id)
+        grid = _entry_grid(entry, self.thresholds, self.grid_points)
+        earlier = [self.store.adversarials(self.keys[source]) for source in sources]
+        candidates = [
+            adversarials.to(self.images.device)
+            for adversarials in earlier
+            if adversarials is not None
+        ]
+        record, adversarials = _minimal_batch(
+            entry,
+            self.foolbox_model,
+            self.counter,
+            self.images,
+            self.labels,
+            grid,
+            _starting_points(candidates, entry, self.counter, self.images, self.labels),
+            _batch_seed(self.context.seed, entry.id, self.indices),
+            _FinishedTargets(self.store, key),
+        )
+        self.store.append(
+            {
+                "key": key,
+                "mode": "minimal",
+                "model": self.context.model_name,
+                "model_fingerprint": self.context.fingerprint,
+                "indices": self.indices,
+                "seed": self.context.seed,
+                **_entry_fields(entry),
+                **record,
+            },
+            adversarials.cpu(),
+        )
 
 
 class _PassTicker:
