@@ -817,7 +817,8 @@ def test_lost_adversarials_are_redone_just_before_an_attack_starts_from_them(
         "l0-pointwise-x10",
     ]
     for record in appended[2:]:
-        assert record["distances"] == uninterrupted[record["attack"]]["distances"]
+        for field in ("distances", "adversarial_labels", "started"):
+            assert record[field] == uninterrupted[record["attack"]][field], field
 
 
 def test_model_fingerprint_tracks_weights() -> None:

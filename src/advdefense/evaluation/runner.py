@@ -296,8 +296,9 @@ class _MinimalBatch:
 
     A record whose adversarials are lost (a fresh checkout) is redone only when an entry about
     to run starts from it, just before that entry: an attack that needs no starting point (C&W,
-    say, resumed from its finished surrogates) runs first. Every attack is seeded by its own
-    id and batch, so the order changes no result.
+    say, resumed from its finished surrogates) runs first. Every attack is seeded by the run's
+    seed, its own id and its batch, and nothing outside that seeded call draws random numbers,
+    so the order changes no result.
     """
 
     entries: Sequence[AttackEntry]
