@@ -82,6 +82,41 @@ def test_graybox_suite_has_the_papers_parameters() -> None:
     assert get_attack("linf-basic-iterative").build().steps == 10
 
 
+def test_per_batch_breakdown_by_hand() -> None:
+    recipe = _recipe()
+
+    def batch(indices, success, distances, seconds):
+        n = len(indices)
+        return {
+            "indices": indices,
+            "labels": [0] * n,
+            "success": success,
+            "distances": distances,
+            "predictions": [1] * n,
+            "clean_scores": [1.0] * n,
+            "adversarial_scores": [0.5] * n,
+            "seconds": seconds,
+        }
+
+    first = {
+        "batches": {
+            "0": batch([0, 1], [True, False], [2.0, 9.0], 10.0),
+            "2": batch([2], [True], [4.0], 3.0),
+            "3": batch([5], [False], [7.0], 8.0),  # waiting for its retry: not finished
+        }
+    }
+    retry = {"batches": {"0": batch([1], [True], [6.0], 5.0)}}
+    state = {"input_values": 4, "rounds": [first, retry]}
+    zeros = ["0"] * (recipe.WHITE_BOX_ROUNDS - 2)
+    # d: mean L2 over the successes / sqrt(4 input values)
+    assert recipe.render_batches(state, "pdm") == [
+        ["pdm", "0-1", "1", "1", *zeros, "15", "4.00", "6.00", "2.000"],
+        ["pdm", "2-2", "1", "0", *zeros, "3", "4.00", "4.00", "2.000"],
+        ["**pdm**", "all", "2", "1", *zeros, "18", "4.00", "6.00", "2.000"],
+    ]
+    assert recipe.render_batches({"rounds": []}, "pdm") == []
+
+
 def test_detector_attack_summary_by_hand() -> None:
     recipe = _recipe()
     first_round = {
