@@ -910,20 +910,25 @@ def _detector_attack(
 
 def _batches(state: Mapping[str, Any], size: int) -> list[tuple[str, list[int]]]:
     """A C&W-wb cache's batches, as (start in ``state["attacked"]``, test indices): those
-    its first round attacked (whatever size they had), then the rest in batches of ``size``.
-    Samples are attacked independently, so a cache resumes at any batch size."""
+    its first round attacked (whatever size they had), and the samples they leave out (before,
+    between or after them) in batches of at most ``size``. Samples are attacked
+    independently, so a cache resumes at any batch size."""
     rounds = state.get("rounds", [])
-    first = rounds[0]["batches"] if rounds else {}
-    batches = sorted(
-        ((start, list(record["indices"])) for start, record in first.items()),
-        key=lambda batch: int(batch[0]),
-    )
+    cached = {
+        int(start): list(record["indices"])
+        for start, record in (rounds[0]["batches"] if rounds else {}).items()
+    }
     attacked = state["attacked"]
-    position = max((int(start) + len(indices) for start, indices in batches), default=0)
-    batches += [
-        (str(start), attacked[start : start + size])
-        for start in range(position, len(attacked), size)
-    ]
+    batches: list[tuple[str, list[int]]] = []
+    position = 0
+    for start in [*sorted(cached), len(attacked)]:
+        while position < start:  # samples no cached batch holds, up to the next one
+            end = min(position + size, start)
+            batches.append((str(position), attacked[position:end]))
+            position = end
+        if start in cached:
+            batches.append((str(start), cached[start]))
+            position = max(position, start + len(cached[start]))
     return batches
 
 

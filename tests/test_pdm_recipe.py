@@ -613,6 +613,15 @@ def test_detector_attack_batches_resume_at_any_size() -> None:
     ]
     assert recipe._batches(state, 4) == [("0", [0, 2]), ("2", [3, 5]), ("4", [6, 7, 9])]
     assert recipe._batches(state, 1)[2:] == [("4", [6]), ("5", [7]), ("6", [9])]
+    # a gap between cached batches (never written by the recipe, but a hand-edited or merged
+    # cache may hold one) is attacked too, in batches that stop where the next cached one starts
+    state["rounds"] = [{"batches": {"0": {"indices": [0, 2]}, "5": {"indices": [7, 9]}}}]
+    assert recipe._batches(state, 2) == [
+        ("0", [0, 2]),
+        ("2", [3, 5]),
+        ("4", [6]),
+        ("5", [7, 9]),
+    ]
 
 
 def test_detector_attack_batch_defaults_to_the_device() -> None:
