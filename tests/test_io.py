@@ -72,6 +72,12 @@ def test_config_records_provenance(tmp_path: Path) -> None:
     assert config["metrics"] == {"test_accuracy": 0.5}
     assert torch.__version__.startswith(config["provenance"]["versions"]["torch"])
     assert "git_commit" in config["provenance"]
+    assert config["provenance"]["machine"] == {  # weights' last bits can depend on these
+        "cpu": config["provenance"]["machine"]["cpu"],
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    assert config["provenance"]["machine"]["cpu"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
     umask = os.umask(0)
     os.umask(umask)

@@ -1,4 +1,4 @@
-"""What produced a checkpoint or a result: library versions, Python, git commit."""
+"""What produced a checkpoint or a result: library versions, Python, git commit, machine."""
 
 from __future__ import annotations
 
@@ -9,13 +9,15 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-__all__ = ["git_commit", "provenance"]
+import torch
+
+__all__ = ["git_commit", "machine", "provenance"]
 
 _PACKAGES = ("advdefense", "torch", "numpy", "scipy", "foolbox", "safetensors")
 
 
 def provenance() -> dict[str, Any]:
-    """Library versions, Python version, git commit and a UTC timestamp."""
+    """Library versions, Python version, git commit, the machine and a UTC timestamp."""
     versions: dict[str, str | None] = {}
     for package in _PACKAGES:
         try:
@@ -26,8 +28,31 @@ def provenance() -> dict[str, Any]:
         "versions": versions,
         "python": platform.python_version(),
         "git_commit": git_commit(),
+        "machine": machine(),
         "created_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def machine() -> dict[str, Any]:
+    """The CPU, the SIMD kernels torch picked for it and torch's thread count: float sums, hence
+    trained weights and attack distances, can differ in their last bits when one of them does
+    (an AVX-512 and an AVX2 machine, say), with the same code, seed and data."""
+    return {
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what :mod:`platform` says."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str | None:
