@@ -389,7 +389,7 @@ def _paper_cell(paper: dict[str, float] | None) -> str:
     return f"{paper['accuracy']:g}"
 
 
-def _our_cell(summary: ModelSummary | None, row: str, with_median: bool) -> tuple[str, float]:
+def _our_cell(summary: ModelSummary | None, row: str) -> tuple[str, float]:
     """(cell text, accuracy in percent or nan) of one of our models for one paper row."""
     if summary is None:
         return "not run", math.nan
@@ -407,8 +407,7 @@ def _our_cell(summary: ModelSummary | None, row: str, with_median: bool) -> tupl
             else ""
         )
         accuracy = 100 * result.accuracy
-        median = f"{result.median_distance:.2g} / " if with_median else ""
-        return f"{median}{accuracy:.1f}{partial}", accuracy
+        return f"{result.median_distance:.2g} / {accuracy:.1f}{partial}", accuracy
     attack = summary.attacks.get(row)
     if attack is None:
         return "pending", math.nan
@@ -419,13 +418,12 @@ def render_paper_table(table: str, summaries: dict[str, ModelSummary], n: int) -
     """One of the paper's tables: per model our value, the paper's, and ours minus the paper's."""
     paper = json.loads(PAPER_FILE.read_text())[table]
     columns = [c for c in paper["columns"] if c in TABLE_COLUMNS[table]]
-    with_median = table == "table1"
     header = ["attack"] + [f"{c} {part}" for c in columns for part in ("ours", "paper", "Δ")]
     rows = []
     for row, values in paper["rows"].items():
         cells = [row]
         for column in columns:
-            ours, accuracy = _our_cell(summaries.get(column), row, with_median)
+            ours, accuracy = _our_cell(summaries.get(column), row)
             reference = values.get(column)
             difference = (
                 "—"
@@ -439,7 +437,8 @@ def render_paper_table(table: str, summaries: dict[str, ModelSummary], n: int) -
         f"Ours: accuracy in percent on the first n = {n} test samples (dim42 suite, Foolbox "
         "3.3.4 defaults); `all-<norm>` rows: median distance / worst-case accuracy over all of "
         "that norm's dim42 attacks (not only the rows shown). `*`: some of that norm's attacks "
-        "are still pending; `pending`: no result yet. Paper: Tables 1 and 2 of the DIM paper."
+        "are still pending; `pending`: no result yet. Paper: Tables 1 and 2 of the DIM paper "
+        "(Table 2 gives no median distances, only accuracies)."
     )
     return "\n".join(lines) + "\n"
 
