@@ -855,6 +855,59 @@ def test_result_flags_tolerate_noise_but_catch_unreliable_attacks() -> None:
     assert len(flags) == 1 and "raw success fell" in flags[0]
 
 
+def _attack_result(attack_id: str, norm: str, broken: int, n: int = 200) -> Any:
+    """An AttackResult breaking the first ``broken`` of ``n`` samples within threshold 1.0."""
+    from advdefense.evaluation.summary import AttackResult
+
+    distances = np.full(n, np.inf)
+    distances[:broken] = 0.5
+    return AttackResult(attack_id, norm, 1.0, distances, np.zeros(n, dtype=np.int64), 1.0, 1, 0)
+
+
+def test_result_flags_catch_single_step_and_black_box_beating_iterative_white_box() -> None:
+    from advdefense.evaluation.sanity import result_flags
+    from advdefense.evaluation.summary import ModelSummary
+
+    def flags_for(*results: Any) -> list[str]:
+        attacks = {result.attack_id: result for result in results}
+        return result_flags(ModelSummary("m", 200, 1.0, attacks, {}))
+
+    healthy = (_attack_result("linf-pgd", "linf", 120), _attack_result("linf-fgsm", "linf", 60))
+    assert flags_for(*healthy) == []
+    # FGSM breaking 40 samples more than PGD: the iterative attack is failing.
+    (flag,) = flags_for(_attack_result("linf-pgd", "linf", 60), _attack_result("fgsm", "linf", 100))
+    assert flag.startswith("linf: fgsm (single step) leaves 50.0%") and "linf-pgd" in flag
+    # Within the tolerance of max(1 sample, 1% of n) = 2 samples: no flag.
+    assert flags_for(_attack_result("l2-pgd", "l2", 60), _attack_result("l2-fgm", "l2", 62)) == []
+    assert flags_for(_attack_result("l2-pgd", "l2", 60), _attack_result("l2-fgm", "l2", 63)) != []
+    # Compared with the strongest iterative attack of the norm, not each one.
+    assert not flags_for(
+        _attack_result("l2-deepfool", "l2", 20),
+        _attack_result("l2-ddn", "l2", 150),
+        _attack_result("l2-fgm", "l2", 100),
+    )
+    # A noise attack beating every gradient attack: the gradients mislead them.
+    (flag,) = flags_for(_attack_result("l2-ddn", "l2", 50), _attack_result("l2-gn", "l2", 90))
+    assert flag.startswith("l2: l2-gn (black box)") and "white-box attack, l2-ddn" in flag
+    # Attacks refining others' adversarials (Boundary, Pointwise) are not black-box evidence,
+    # and norms are compared separately.
+    assert not flags_for(
+        _attack_result("l2-ddn", "l2", 50),
+        _attack_result("l2-boundary", "l2", 90),
+        _attack_result("linf-additive-uniform-noise", "linf", 90),
+    )
+
+
+def test_attack_kinds_in_the_catalogue() -> None:
+    from advdefense.attacks.catalog import ATTACKS
+
+    assert ATTACKS["fgsm"].single_step and ATTACKS["l2-fgm"].single_step
+    assert not ATTACKS["linf-pgd"].single_step and ATTACKS["linf-pgd"].uses_gradients
+    assert ATTACKS["l2-gn"].black_box and ATTACKS["l0-salt-and-pepper"].black_box
+    assert not ATTACKS["l2-boundary"].black_box and not ATTACKS["l2-boundary"].uses_gradients
+    assert not ATTACKS["l2-carlini-wagner"].black_box
+
+
 def test_planned_keys_match_the_run(tmp_path: Path) -> None:
     from advdefense.evaluation.runner import plan_minimal_keys
 

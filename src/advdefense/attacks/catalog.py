@@ -54,7 +54,11 @@ from foolbox.attacks.contrast_min import (
 from foolbox.attacks.ddn import DDNAttack
 from foolbox.attacks.deepfool import DeepFoolAttack, L2DeepFoolAttack, LinfDeepFoolAttack
 from foolbox.attacks.ead import EADAttack
-from foolbox.attacks.fast_gradient_method import L2FastGradientAttack, LinfFastGradientAttack
+from foolbox.attacks.fast_gradient_method import (
+    L1FastGradientAttack,
+    L2FastGradientAttack,
+    LinfFastGradientAttack,
+)
 from foolbox.attacks.fast_minimum_norm import (
     FMNAttackLp,
     L0FMNAttack,
@@ -97,6 +101,13 @@ _GRADIENT_BASED: tuple[type, ...] = (
     FMNAttackLp,
     L2CarliniWagnerAttack,
     SaliencyMapAttack,
+)
+
+# One-step gradient attacks (FGSM, FGM): any working iterative attack of the norm beats them.
+_SINGLE_STEP: tuple[type, ...] = (
+    L1FastGradientAttack,
+    L2FastGradientAttack,
+    LinfFastGradientAttack,
 )
 
 
@@ -166,6 +177,20 @@ class AttackEntry:
     def uses_gradients(self) -> bool:
         """True when the attack differentiates the model, so a defense's surrogates apply."""
         return isinstance(self.factory, type) and issubclass(self.factory, _GRADIENT_BASED)
+
+    @property
+    def single_step(self) -> bool:
+        """True for one-step gradient attacks (FGSM, FGM), which iterative ones should beat."""
+        return isinstance(self.factory, type) and issubclass(self.factory, _SINGLE_STEP)
+
+    @property
+    def black_box(self) -> bool:
+        """True for attacks that only query the model, from no other attack's adversarials.
+
+        Refining attacks (Boundary, Pointwise) start from what earlier, possibly white-box,
+        attacks found, so they are neither black- nor white-box evidence.
+        """
+        return not self.uses_gradients and not self.needs_starting_point
 
     def build(self) -> Any:
         """A fresh attack object; a clear error if a required module is missing."""

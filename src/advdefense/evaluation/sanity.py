@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import defaultdict
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from advdefense.attacks.catalog import ATTACKS, AttackEntry
+from advdefense.attacks.norms import Norm
 from advdefense.declaration import declaration_of
-from advdefense.evaluation.summary import ModelSummary
+from advdefense.evaluation.summary import AttackResult, ModelSummary, broken_at
 from advdefense.modes import device_of, evaluation_mode
 
 __all__ = ["model_flags", "result_flags"]
@@ -115,4 +119,73 @@ def result_flags(summary: ModelSummary) -> list[str]:
                 f"{norm}: unbounded attacks broke only {100 * rate:.1f}% of samples "
                 "(expected ~100%): gradient masking or too few iterations"
             )
+    flags.extend(_ordering_flags(summary))
     return flags
+
+
+def _ordering_flags(summary: ModelSummary) -> list[str]:
+    """Per norm, at its threshold: iterative gradient attacks must beat single-step ones, and
+    white-box attacks must beat black-box ones (Carlini et al. 2019's checklist; DESIGN.md §3.5).
+
+    Either failing means the gradients mislead the attacks (masking, a bad surrogate) or the
+    iterative attacks are misconfigured. Attacks not in the catalogue are not compared.
+    """
+    by_norm: dict[Norm, list[tuple[AttackEntry, AttackResult]]] = defaultdict(list)
+    for result in summary.attacks.values():
+        entry = ATTACKS.get(result.attack_id)
+        if entry is not None and result.distances.size:
+            by_norm[result.norm].append((entry, result))
+    tolerance = max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)  # samples, as for the grid check
+    flags = []
+    for norm, pairs in by_norm.items():
+        white_box_pairs = [(entry, result) for entry, result in pairs if entry.uses_gradients]
+        white_box = [result for _, result in white_box_pairs]
+        iterative = [result for entry, result in white_box_pairs if not entry.single_step]
+        single_step = [result for entry, result in pairs if entry.single_step]
+        black_box = [result for entry, result in pairs if entry.black_box]
+        flags += _beaten(
+            norm,
+            single_step,
+            iterative,
+            ("single step", "iterative gradient attack"),
+            "gradient masking, or too few steps or a bad step size",
+            tolerance,
+        )
+        flags += _beaten(
+            norm,
+            black_box,
+            white_box,
+            ("black box", "white-box attack"),
+            "the gradients mislead the white-box attacks (masking? try BPDA, EOT, margin losses)",
+            tolerance,
+        )
+    return flags
+
+
+def _beaten(
+    norm: Norm,
+    weaker: Sequence[AttackResult],
+    stronger: Sequence[AttackResult],
+    kinds: tuple[str, str],
+    hint: str,
+    tolerance: float,
+) -> list[str]:
+    """Flags for each of ``weaker`` that breaks more than ``tolerance`` samples more, within the
+    threshold, than the strongest of ``stronger`` (the one breaking the most)."""
+    if not stronger:
+        return []
+    best = max(stronger, key=_broken)
+    flags = []
+    for result in weaker:
+        if _broken(result) - _broken(best) > tolerance:
+            flags.append(
+                f"{norm}: {result.attack_id} ({kinds[0]}) leaves {100 * result.accuracy:.1f}% "
+                f"where the strongest {kinds[1]}, {best.attack_id}, leaves "
+                f"{100 * best.accuracy:.1f}%: {hint}"
+            )
+    return flags
+
+
+def _broken(result: AttackResult) -> int:
+    """How many samples ``result`` breaks within its threshold."""
+    return int(broken_at(result.distances, result.threshold).sum())
