@@ -898,6 +898,22 @@ def test_result_flags_catch_single_step_and_black_box_beating_iterative_white_bo
     )
 
 
+def test_result_flags_catch_pgd_that_has_not_converged() -> None:
+    from advdefense.evaluation.sanity import result_flags
+    from advdefense.evaluation.summary import ModelSummary
+
+    def flags_for(short: int, long: int) -> list[str]:
+        attacks = {
+            "l2-pgd": _attack_result("l2-pgd", "l2", short),
+            "l2-pgd-long": _attack_result("l2-pgd-long", "l2", long),
+        }
+        return result_flags(ModelSummary("m", 200, 1.0, attacks, {}))
+
+    assert flags_for(100, 102) == []  # within max(1, 1% of 200) samples
+    (flag,) = flags_for(100, 130)
+    assert flag.startswith("l2-pgd has not converged: l2-pgd-long") and "30 more of 200" in flag
+
+
 def test_attack_kinds_in_the_catalogue() -> None:
     from advdefense.attacks.catalog import ATTACKS
 

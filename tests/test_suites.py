@@ -279,6 +279,22 @@ def test_run_attack_quick_and_minimal_entries(attack_id: str) -> None:
     assert bool((result.success[0] <= result.success[-1]).all())  # larger budget breaks more
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2", "linf"])
+def test_convergence_entries_rerun_pgd_longer(norm: str) -> None:
+    from advdefense.attacks.catalog import CONVERGENCE_FACTOR
+
+    short, long = get_attack(f"{norm}-pgd"), get_attack(f"{norm}-pgd-long")
+    assert long.checks_convergence_of == short.id and long.restarts == CONVERGENCE_FACTOR
+    assert long.build().steps == CONVERGENCE_FACTOR * short.build().steps
+    assert {short.id, long.id} <= {entry.id for entry in get_suite("convergence").entries}
+    model, fmodel, images, labels = _setup()
+    epsilons = [EPSILONS[norm]]
+    short_result = run_attack(short, fmodel, images, labels, epsilons)
+    long_result = run_attack(long, fmodel, images, labels, epsilons)
+    _assert_checked(model, images, labels, long, epsilons, long_result)
+    assert int(long_result.success[0].sum()) >= int(short_result.success[0].sum())
+
+
 def _starts(
     model: nn.Module, fmodel: PyTorchModel, images: torch.Tensor, labels: torch.Tensor, norm: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:

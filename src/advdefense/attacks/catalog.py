@@ -135,6 +135,8 @@ class AttackEntry:
         requires: Python modules the attack needs beyond Foolbox (Brendel-Bethge: ``numba``).
         score_view: A score view the attack runs on (see :mod:`advdefense.declaration`), e.g.
             ``internal-intensity`` for DIM's internal attack; models without it skip the entry.
+        checks_convergence_of: Id of the entry this one reruns with more steps and restarts;
+            a sanity flag compares the two (DESIGN.md §3.5). Not part of a record's key.
     """
 
     id: str
@@ -149,6 +151,7 @@ class AttackEntry:
     cost: int = 1
     requires: tuple[str, ...] = field(default=())
     score_view: str | None = None
+    checks_convergence_of: str | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -241,6 +244,7 @@ def _entry(
     restarts: int = 1,
     requires: tuple[str, ...] = (),
     score_view: str | None = None,
+    checks_convergence_of: str | None = None,
 ) -> AttackEntry:
     return AttackEntry(
         id=id,
@@ -255,6 +259,7 @@ def _entry(
         cost=cost,
         requires=requires,
         score_view=score_view,
+        checks_convergence_of=checks_convergence_of,
     )
 
 
@@ -682,7 +687,30 @@ _PDM_ENTRIES: tuple[AttackEntry, ...] = (
         cost=9000,
     ),
 )
-_ALL_ENTRIES = (*_ENTRIES, *_ADAPTIVE_ENTRIES, *_PDM_ENTRIES)
+# DESIGN.md §3.5, "more steps or restarts change little": each PGD entry rerun with 5x its steps
+# (same step size, so 5x the reach) and 5 random restarts, best kept. A sanity flag reports when
+# the longer run breaks more samples than the original beyond noise.
+CONVERGENCE_FACTOR = 5
+_PGD: tuple[tuple[Norm, Callable[..., Any], int], ...] = (  # Foolbox 3.3.4's default steps
+    ("l1", L1ProjectedGradientDescentAttack, 50),
+    ("l2", L2ProjectedGradientDescentAttack, 50),
+    ("linf", LinfProjectedGradientDescentAttack, 40),
+)
+_CONVERGENCE_ENTRIES: tuple[AttackEntry, ...] = tuple(
+    _entry(
+        f"{norm}-pgd-long",
+        norm,
+        factory,
+        f"{norm} PGD, {CONVERGENCE_FACTOR * steps} steps ({CONVERGENCE_FACTOR}x {norm}-pgd's) "
+        f"and {CONVERGENCE_FACTOR} random restarts, best kept: is {norm}-pgd converged?",
+        parameters={"steps": CONVERGENCE_FACTOR * steps},
+        restarts=CONVERGENCE_FACTOR,
+        cost=CONVERGENCE_FACTOR**2 * steps,
+        checks_convergence_of=f"{norm}-pgd",
+    )
+    for norm, factory, steps in _PGD
+)
+_ALL_ENTRIES = (*_ENTRIES, *_ADAPTIVE_ENTRIES, *_PDM_ENTRIES, *_CONVERGENCE_ENTRIES)
 
 ATTACKS: Mapping[str, AttackEntry] = MappingProxyType({entry.id: entry for entry in _ALL_ENTRIES})
 if len(ATTACKS) != len(_ALL_ENTRIES):  # pragma: no cover - guards edits of the table above

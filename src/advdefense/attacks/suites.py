@@ -263,6 +263,15 @@ _SUITES = (
         "most samples and the adaptive ones attack only the survivors",
     ),
     AttackSuite(
+        "convergence",
+        "1",
+        _cheapest_first(
+            ("l1-pgd", "l1-pgd-long", "l2-pgd", "l2-pgd-long", "linf-pgd", "linf-pgd-long")
+        ),
+        "PGD in L1, L2 and L-inf next to the same with 5x the steps and 5 random restarts: a "
+        "sanity flag reports when the longer runs break more (DESIGN.md §3.5)",
+    ),
+    AttackSuite(
         "pdm-graybox",
         "1",
         _cheapest_first(PDM_GRAYBOX_IDS),

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from advdefense.attacks.catalog import ATTACKS, AttackEntry
+from advdefense.attacks.catalog import ATTACKS, CONVERGENCE_FACTOR, AttackEntry
 from advdefense.attacks.norms import Norm
 from advdefense.declaration import declaration_of
 from advdefense.evaluation.summary import AttackResult, ModelSummary, broken_at
@@ -99,9 +99,8 @@ def result_flags(summary: ModelSummary) -> list[str]:
             )
         # Random starts and noise draws make a sample or two flip between grid points; a drop
         # of more than 1% of the samples means the attack itself is unreliable on this model.
-        tolerance = max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)
         if attack.grid_success is not None and any(
-            earlier - later > tolerance
+            earlier - later > _tolerance(summary)
             for earlier, later in itertools.pairwise(attack.grid_success)
         ):
             flags.append(
@@ -120,6 +119,32 @@ def result_flags(summary: ModelSummary) -> list[str]:
                 "(expected ~100%): gradient masking or too few iterations"
             )
     flags.extend(_ordering_flags(summary))
+    flags.extend(_convergence_flags(summary))
+    return flags
+
+
+def _tolerance(summary: ModelSummary) -> float:
+    """Samples by which two attacks (or grid points) may differ by chance: max(1, 1% of n)."""
+    return max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)
+
+
+def _convergence_flags(summary: ModelSummary) -> list[str]:
+    """More steps and restarts must change little (DESIGN.md §3.5): each ``*-pgd-long`` entry
+    against the attack it reruns, when both ran."""
+    flags = []
+    for result in summary.attacks.values():
+        entry = ATTACKS.get(result.attack_id)
+        if entry is None or entry.checks_convergence_of not in summary.attacks:
+            continue
+        shorter = summary.attacks[entry.checks_convergence_of]
+        extra = _broken(result) - _broken(shorter)
+        if extra > _tolerance(summary):
+            flags.append(
+                f"{shorter.attack_id} has not converged: {result.attack_id} "
+                f"({CONVERGENCE_FACTOR}x the steps, {CONVERGENCE_FACTOR} restarts) breaks {extra} "
+                f"more of {summary.n} samples within the threshold; the worst case counts both, "
+                "but give the other iterative attacks more steps too"
+            )
     return flags
 
 
@@ -135,7 +160,7 @@ def _ordering_flags(summary: ModelSummary) -> list[str]:
         entry = ATTACKS.get(result.attack_id)
         if entry is not None and result.distances.size:
             by_norm[result.norm].append((entry, result))
-    tolerance = max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)  # samples, as for the grid check
+    tolerance = _tolerance(summary)
     flags = []
     for norm, pairs in by_norm.items():
         white_box_pairs = [(entry, result) for entry, result in pairs if entry.uses_gradients]
