@@ -561,6 +561,34 @@ def test_run_report_formats_and_plot(tmp_path: Path) -> None:
         load_run(tmp_path)
 
 
+def test_fixed_report_merges_runs_of_one_model_per_sample(tmp_path: Path) -> None:
+    from advdefense.evaluation.run import RunResult
+    from advdefense.evaluation.summary import FixedSummary
+
+    config = _config("fixed", norm="linf", epsilon=0.1)
+    samples = len(config.indices)
+
+    def run(name: str, broken: dict[int, str], fingerprint: str) -> RunResult:
+        broken_by: list[str | None] = [broken.get(i) for i in range(samples)]
+        attacks = {attack: 1.0 for attack in broken.values()}
+        summary = FixedSummary("m", "linf", 0.1, samples, 1.0, broken_by, attacks, fingerprint)
+        return RunResult(tmp_path / name, config, [summary], {})
+
+    pgd = run("pgd", {0: "linf-pgd", 1: "linf-pgd"}, "f1")
+    longer = run("long", {1: "linf-pgd", 2: "linf-pgd-long"}, "f1")
+    other_weights = run("other", {3: "linf-pgd"}, "f2")
+    row = next(
+        line
+        for line in render([pgd, longer, other_weights], "md").splitlines()
+        if line.startswith("| robust against every run")
+    )
+    # Samples 0, 1 and 2 fall in one run or the other: 37 of 40 robust in both.
+    assert row.split(" | ")[1:] == ["92.5% [80.1, 97.4]", "92.5% [80.1, 97.4]", "— |"]
+    merged = report_json([pgd, longer])["models"]["m"]
+    assert merged["robust_accuracy_over_runs"] == 37 / 40 and merged["runs_merged"] == 2
+    assert "robust against every run" not in render([pgd, other_weights], "md")
+
+
 def test_a_run_directory_has_one_writer_at_a_time(tmp_path: Path) -> None:
     with ResultStore(tmp_path) as store:
         store.append({"key": "a"})

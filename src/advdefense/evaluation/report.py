@@ -109,7 +109,38 @@ def _fixed_rows(pairs: list[tuple[RunResult, FixedSummary]]) -> list[Row]:
         rows.append(
             (f"broken by {attack_id}", [str(s.broken_by.count(attack_id)) for _, s in pairs])
         )
+    merged = [_robust_over_runs(run, summary, pairs) for run, summary in pairs]
+    if any(count is not None for count in merged):
+        cells = [
+            "—" if count is None else _percent(count[0] / summary.n, summary.n)
+            for count, (_, summary) in zip(merged, pairs, strict=True)
+        ]
+        rows.append(("robust against every run of the model (worst case)", cells))
     return rows
+
+
+def _robust_over_runs(
+    run: RunResult, summary: FixedSummary, pairs: Sequence[tuple[RunResult, FixedSummary]]
+) -> tuple[int, int] | None:
+    """(samples robust in every run, runs) over the runs of the same weights, samples, norm and
+    epsilon as ``summary`` (DESIGN.md §3.2: a sample is robust only if every attack fails);
+    None when it is the only such run or its weights are unknown."""
+
+    def setting(r: RunResult, s: FixedSummary) -> tuple[Any, ...]:
+        return (
+            s.fingerprint,
+            r.config.dataset,
+            r.config.split,
+            r.config.indices,
+            s.norm,
+            s.epsilon,
+        )
+
+    same = [s for r, s in pairs if s.fingerprint and setting(r, s) == setting(run, summary)]
+    if len(same) < 2:
+        return None
+    robust = sum(all(s.broken_by[i] is None for s in same) for i in range(summary.n))
+    return robust, len(same)
 
 
 def _rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
@@ -241,6 +272,7 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
                 "robust_accuracy": summary.robust_accuracy,
                 "broken_by": {a: summary.broken_by.count(a) for a in summary.seconds_by_attack},
                 "seconds": summary.seconds_by_attack,
+                **_merged_json(run, summary, pairs),
                 "flags": [],
                 "run": str(run.directory),
             }
@@ -255,6 +287,16 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
         "versions": runs[0].provenance.get("versions", {}),
         "models": models,
     }
+
+
+def _merged_json(
+    run: RunResult, summary: FixedSummary, pairs: Sequence[tuple[RunResult, Any]]
+) -> dict[str, Any]:
+    fixed = [(r, s) for r, s in pairs if isinstance(s, FixedSummary)]
+    merged = _robust_over_runs(run, summary, fixed)
+    if merged is None:
+        return {}
+    return {"robust_accuracy_over_runs": merged[0] / summary.n, "runs_merged": merged[1]}
 
 
 def render(runs: Sequence[RunResult], output_format: str) -> str:

@@ -356,6 +356,7 @@ def _summarize_model(
             clean_correct=entry["clean_correct"],
             norm=config.norm,
             epsilon=config.epsilon,
+            fingerprint=entry.get("fingerprint", ""),
         )
     if not entry.get("complete", True) and not partial:
         raise UserError(

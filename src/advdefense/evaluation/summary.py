@@ -131,6 +131,7 @@ class FixedSummary:
     clean_accuracy: float
     broken_by: list[str | None]  # per sample: "clean" (misclassified), an attack id, or None
     seconds_by_attack: dict[str, float]
+    fingerprint: str = ""  # the model's weights (run.json), so runs of one model can be merged
 
     @property
     def robust_accuracy(self) -> float:
@@ -256,6 +257,7 @@ def summarize_fixed(
     clean_correct: Sequence[bool],
     norm: Norm,
     epsilon: float,
+    fingerprint: str = "",
 ) -> FixedSummary:
     """Robust accuracy at ``epsilon`` and, per sample, the first attack that broke it."""
     position = {index: p for p, index in enumerate(indices)}
@@ -269,4 +271,4 @@ def summarize_fixed(
                 broken_by[position[index]] = record["attack"]
     n = len(indices)
     clean = sum(clean_correct) / n if n else math.nan
-    return FixedSummary(model, norm, epsilon, n, clean, broken_by, seconds)
+    return FixedSummary(model, norm, epsilon, n, clean, broken_by, seconds, fingerprint)
