@@ -164,7 +164,9 @@ def test_dim42_runs_boundary_carlini_wagner_and_pointwise_last() -> None:
 
 
 def test_get_suite_and_suite_validation_errors() -> None:
-    known = "known suites: adaptive, dim42, minimal, pdm-graybox, quick, quick-adaptive"
+    known = (
+        "known suites: adaptive, convergence, dim42, minimal, pdm-graybox, quick, quick-adaptive"
+    )
     with pytest.raises(InputError, match=known):
         get_suite("dim41")
     with pytest.raises(InputError, match="no attack"):
