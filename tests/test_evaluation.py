@@ -587,6 +587,10 @@ def test_fixed_report_merges_runs_of_one_model_per_sample(tmp_path: Path) -> Non
     merged = report_json([pgd, longer])["models"]["m"]
     assert merged["robust_accuracy_over_runs"] == 37 / 40 and merged["runs_merged"] == 2
     assert "robust against every run" not in render([pgd, other_weights], "md")
+    # A wrapper without weights of its own (biCNN) shares its model's fingerprint: not merged.
+    wrapper = run("wrapper", {5: "linf-pgd"}, "f1")
+    wrapper.summaries[0] = dataclasses.replace(wrapper.summaries[0], model="wrapped")
+    assert "robust against every run" not in render([pgd, wrapper], "md")
 
 
 def test_a_run_directory_has_one_writer_at_a_time(tmp_path: Path) -> None:

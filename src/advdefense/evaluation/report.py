@@ -122,12 +122,15 @@ def _fixed_rows(pairs: list[tuple[RunResult, FixedSummary]]) -> list[Row]:
 def _robust_over_runs(
     run: RunResult, summary: FixedSummary, pairs: Sequence[tuple[RunResult, FixedSummary]]
 ) -> tuple[int, int] | None:
-    """(samples robust in every run, runs) over the runs of the same weights, samples, norm and
-    epsilon as ``summary`` (DESIGN.md §3.2: a sample is robust only if every attack fails);
-    None when it is the only such run or its weights are unknown."""
+    """(samples robust in every run, runs) over the runs of the same model name and weights,
+    samples, norm and epsilon as ``summary`` (DESIGN.md §3.2: a sample is robust only if every
+    attack fails); None when it is the only such run or its weights are unknown. The name
+    counts too: a wrapper without weights of its own (biCNN around the CNN) shares the
+    fingerprint of what it wraps."""
 
     def setting(r: RunResult, s: FixedSummary) -> tuple[Any, ...]:
         return (
+            s.model,
             s.fingerprint,
             r.config.dataset,
             r.config.split,
