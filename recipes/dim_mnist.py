@@ -44,7 +44,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -356,7 +356,7 @@ def _load(run_dir: Path) -> RunResult | None:
 def _stage_summaries(setting: Setting, run: str) -> dict[str, ModelSummary | FixedSummary]:
     """Per model, its summary in ``runs/<run>`` or in an archive of it at another n
     (``<run>-n<n>``, :func:`archive_before_resize`): the one on the most samples, the current
-    run's on a tie."""
+    run's on a tie; an archive of other weights than the current run's is stale and unused."""
     directory = setting.run_dir(run)
     archives = [
         path
@@ -367,7 +367,8 @@ def _stage_summaries(setting: Setting, run: str) -> dict[str, ModelSummary | Fix
     for run_dir in (directory, *archives):
         loaded = _load(run_dir)
         for summary in loaded.summaries if loaded else []:
-            if summary.model not in chosen or summary.n > chosen[summary.model].n:
+            held = chosen.get(summary.model)
+            if held is None or (summary.n > held.n and summary.fingerprint == held.fingerprint):
                 chosen[summary.model] = summary
     return chosen
 
@@ -464,17 +465,20 @@ def render_true_robustness(setting: Setting) -> str:
     for name in MODELS:
         for norm in ("linf", "l2"):
             threshold = setting.thresholds[norm]
-            paper = dim42.get(name)
-            quick_summary = quick.get(name)
-            adaptive = fixed.get(name, {}).get(norm)
+            paper, quick_summary, adaptive = _same_weights(
+                dim42.get(name), quick.get(name), fixed.get(name, {}).get(norm)
+            )
             counts = sorted({s.n for s in (quick_summary, adaptive) if s is not None})
             label = name if counts in ([], [setting.n]) else f"{name} (n = {_listed(counts)})"
             cells = [label, norm, f"{threshold:g}"]
             clean = quick_summary.clean_accuracy if quick_summary else math.nan
             cells.append(_percent(clean))
-            cells.append(_norm_cell(paper, norm))
+            found = dim42.get(name)
+            cells.append(_norm_cell(found, norm) + (" (stale)" if found and not paper else ""))
             cells.append(_norm_cell(quick_summary, norm))
-            cells.append(_fixed_cell(adaptive))
+            found_fixed = fixed.get(name, {}).get(norm)
+            stale = " (stale)" if found_fixed and not adaptive else ""
+            cells.append(_fixed_cell(found_fixed) + stale)
             cells.append(_worst_case_cell(paper, quick_summary, adaptive, norm, threshold))
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
@@ -485,9 +489,31 @@ def render_true_robustness(setting: Setting) -> str:
         "quick + adaptive runs in fixed mode (each attack only on what is still robust). The "
         "worst case counts a sample as robust only if no attack of any stage broke it within ε "
         "(on the dim42 samples once dim42 has run): the true robustness next to the "
-        "paper-protocol number. `*`: a stage is missing or still has attacks pending."
+        "paper-protocol number. `*`: a stage is missing, stale or still has attacks pending. "
+        "(stale): that stage ran on other weights of the model than its quick stage (the "
+        "model was retrained since); it is left out of the worst case until it runs again."
     )
     return "\n".join(lines) + "\n"
+
+
+Stage = TypeVar("Stage", ModelSummary, FixedSummary)
+
+
+def _same_weights(
+    paper: ModelSummary | None, quick: ModelSummary | None, adaptive: FixedSummary | None
+) -> tuple[ModelSummary | None, ModelSummary | None, FixedSummary | None]:
+    """The stages that ran on the model's current weights, the others as ``None``.
+
+    The current weights are the quick stage's (the recipe runs it first on a new model), else
+    the adaptive stage's; a stage whose run names other weights is stale, and merging it into a
+    worst case would mix two models."""
+    current = next((s.fingerprint for s in (quick, adaptive, paper) if s and s.fingerprint), "")
+
+    def kept(stage: Stage | None) -> Stage | None:
+        stale = stage is not None and current and stage.fingerprint not in ("", current)
+        return None if stale else stage
+
+    return kept(paper), kept(quick), kept(adaptive)
 
 
 def _listed(counts: list[int]) -> str:

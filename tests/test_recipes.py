@@ -278,3 +278,43 @@ def test_dim_tables_keep_models_not_yet_rerun_at_a_new_n(tmp_path: Path) -> None
     truth = (tmp_path / "true_robustness.md").read_text()
     assert "| cnn (n = 6) | linf |" in truth  # still reported, at its own n
     assert "| dim | linf |" in truth  # at the setting's n = 12
+
+
+def test_dim_tables_do_not_merge_stages_of_a_retrained_model(tmp_path: Path) -> None:
+    """After a retrain, the stages still on the old weights are marked stale and left out of the
+    worst case, which would otherwise mix two models."""
+    recipe, setting, models = _toy_dim_setting(tmp_path)
+    for run, suite in (("dim42", "quick"), ("quick", "quick")):
+        config = _run(tmp_path, suite, "minimal", 12)
+        for name, model in models.items():
+            recipe._evaluate(setting, run, config, name, model)
+    fixed = _run(tmp_path, "quick-adaptive", "fixed", 12, norm="linf", epsilon=0.3)
+    for name, model in models.items():
+        recipe._evaluate(setting, "quick-adaptive-linf", fixed, name, model)
+    retrained = MeanPixel(2.0)  # so gentle a slope that no level is robust at 0.3
+    recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "cnn", retrained)
+    recipe.write_tables(setting)
+    rows = {
+        tuple(cells[:2]): cells
+        for line in (tmp_path / "true_robustness.md").read_text().splitlines()
+        if line.startswith("| ")
+        for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
+    }
+    cnn = rows[("cnn", "linf")]
+    assert cnn[4].endswith("(stale)") and cnn[6].endswith("(stale)")
+    assert not cnn[5].endswith("(stale)")
+    assert cnn[7] == cnn[5] + "*"  # the worst case is the quick stage alone, marked incomplete
+    dim = rows[("dim", "linf")]
+    assert "stale" not in " ".join(dim) and not dim[7].endswith("*")
+
+
+def test_dim_tables_ignore_an_archive_of_earlier_weights(tmp_path: Path) -> None:
+    recipe, setting, models = _toy_dim_setting(tmp_path)
+    for name, model in models.items():
+        recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), name, model)
+    retrained = MeanPixel(2.0)
+    recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 6), "cnn", retrained)
+    assert (tmp_path / "runs" / "quick-n12" / "report.md").is_file()
+    quick = recipe._minimal_summaries(setting, "quick")
+    # dim only ran at 12 (archive); cnn's 12 are of its earlier weights, so its 6 are shown
+    assert {name: summary.n for name, summary in quick.items()} == {"cnn": 6, "dim": 12}

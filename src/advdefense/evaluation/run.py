@@ -371,6 +371,7 @@ def _summarize_model(
         thresholds=config.norm_thresholds(),
         planned=entry.get("attacks") or (),
         allow_partial=partial,
+        fingerprint=entry.get("fingerprint", ""),
     )
     if entry.get("detection"):
         summary.detection.extend(summarize_detection(entry["detection"]))

@@ -113,6 +113,7 @@ class ModelSummary:
     flags: list[str] = field(default_factory=list)
     detection: list[Any] = field(default_factory=list)  # AttackDetection, when a detector ran
     pending: list[str] = field(default_factory=list)  # attacks without results yet (partial)
+    fingerprint: str = ""  # the model's weights (run.json), so stages of one model can be merged
 
     @property
     def minimal_accuracy(self) -> float:
@@ -186,6 +187,7 @@ def summarize_minimal(
     thresholds: dict[Norm, float],
     planned: Sequence[str] = (),
     allow_partial: bool = False,
+    fingerprint: str = "",
 ) -> ModelSummary:
     """Assemble the per-sample distances of every attack from the records under ``keys``.
 
@@ -243,7 +245,8 @@ def summarize_minimal(
         same = [a.distances for a in attacks.values() if a.norm == norm]
         if same:
             norms[norm] = NormResult(norm, thresholds[norm], np.min(np.stack(same), axis=0))
-    summary = ModelSummary(model, n, float(clean_correct.mean()) if n else math.nan, attacks, norms)
+    accuracy = float(clean_correct.mean()) if n else math.nan
+    summary = ModelSummary(model, n, accuracy, attacks, norms, fingerprint=fingerprint)
     summary.pending.extend(pending)
     return summary
 
