@@ -593,17 +593,113 @@ def test_fixed_report_merges_runs_of_one_model_per_sample(tmp_path: Path) -> Non
     assert "robust against every run" not in render([pgd, wrapper], "md")
 
 
-def test_a_run_directory_has_one_writer_at_a_time(tmp_path: Path) -> None:
-    with ResultStore(tmp_path) as store:
-        store.append({"key": "a"})
-        with pytest.raises(UserError, match="being written by another process"):
-            ResultStore(tmp_path)
+def test_a_model_has_one_writer_at_a_time(tmp_path: Path) -> None:
+    """Two stores may write one directory, each for models of its own; a model claimed by one
+    is refused to the other until the first closes."""
+    with ResultStore(tmp_path) as first:
+        first.claim("m")
+        first.append({"key": "a"})
+        second = ResultStore(tmp_path)
+        with pytest.raises(UserError, match=r"m is being evaluated into .* by another process"):
+            second.claim("m")
+        second.claim("n")
+        second.append({"key": "b"})
+        first.append({"key": "c"})
         reader = ResultStore(tmp_path, writable=False)
-        assert "a" in reader
+        assert {"a", "b", "c"} <= {record["key"] for record in reader.records()}
         with pytest.raises(UserError, match="read-only"):
-            reader.append({"key": "b"})
+            reader.append({"key": "d"})
+        with pytest.raises(UserError, match="read-only"):
+            reader.claim("o")
+        second.close()
     with ResultStore(tmp_path) as store:
-        assert len(store) == 1
+        store.claim("m")  # freed by close
+        assert len(store) == 3
+
+
+_CONCURRENT_RUN = textwrap.dedent("""
+    import sys, time, torch
+    from torch import nn
+    from advdefense.attacks import get_attack
+    from advdefense.attacks.suites import AttackSuite
+    from advdefense.evaluation.run import RunConfig, evaluate_models
+
+    class Slow(nn.Module):
+        def __init__(self, scale):
+            super().__init__()
+            self.scale = nn.Parameter(torch.tensor(scale))
+        def forward(self, x):
+            time.sleep(self.pause)
+            s = self.scale * (x.flatten(1).mean(1) - 0.5)
+            return torch.stack([-s, s], 1)
+
+    directory, name, scale, n = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
+    Slow.pause = float(sys.argv[5]) if len(sys.argv) > 5 else 0.002
+    levels = torch.linspace(0.05, 0.95, n)
+    images = levels.view(n, 1, 1, 1).expand(n, 1, 4, 4).clone()
+    labels = (levels > 0.5).long()
+    suite = AttackSuite("t", "1", (get_attack("fgsm"), get_attack("l2-deepfool")), "t")
+    config = RunConfig(dataset="toy", split="test", indices=tuple(range(n)), suite="t",
+                       suite_version="1", mode="minimal",
+                       thresholds={"l2": 1.5, "linf": 0.3}, batch_size=4, grid_points=3)
+    evaluate_models({name: Slow(scale)}, images, labels, suite, config, directory,
+                    progress=False)
+""")
+
+
+def test_two_processes_evaluate_two_models_into_one_run(tmp_path: Path) -> None:
+    """Run concurrently, two models land in one run file with the records a lone run writes."""
+    script = tmp_path / "run.py"
+    script.write_text(_CONCURRENT_RUN)
+    shared, alone = tmp_path / "shared", tmp_path / "alone"
+    models = (("steep", "20"), ("gentle", "5"))
+    processes = [
+        subprocess.Popen([sys.executable, str(script), str(shared), name, scale, "60"])
+        for name, scale in models
+    ]
+    assert all(process.wait() == 0 for process in processes)
+    for name, scale in models:
+        subprocess.run([sys.executable, str(script), str(alone), name, scale, "60"], check=True)
+    run = load_run(shared)
+    assert sorted(s.model for s in run.summaries) == ["gentle", "steep"]
+    lines = (shared / "records.jsonl").read_text().splitlines()
+    keys = [json.loads(line)["key"] for line in lines]  # no torn or interleaved line
+    assert len(keys) == len(set(keys)) == 60  # 2 models x 2 attacks x 15 batches
+    lone = {r["key"]: r for r in ResultStore(alone, writable=False).records()}
+    for record in ResultStore(shared, writable=False).records():
+        assert record["distances"] == lone[record["key"]]["distances"]
+
+
+def test_another_configuration_is_refused_while_a_run_goes_on(tmp_path: Path) -> None:
+    """A run of other samples would start the run file afresh under a running evaluation."""
+    script = tmp_path / "run.py"
+    script.write_text(_CONCURRENT_RUN)
+    slow = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "run"), "a", "20", "60", "1"]
+    )
+    try:
+        deadline = time.monotonic() + 600  # generous: the machine may be busy
+        while not (tmp_path / "run" / "run.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert slow.poll() is None, "the slow run ended before the check"
+        other = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "run"), "b", "20", "40"],
+            capture_output=True,
+            text=True,
+        )
+        assert slow.poll() is None, "the slow run ended before the check"
+        assert other.returncode != 0 and "another configuration" in other.stderr
+        same = subprocess.run(  # the same configuration shares the run: another model joins
+            [sys.executable, str(script), str(tmp_path / "run"), "c", "20", "60"],
+            capture_output=True,
+            text=True,
+        )
+        assert same.returncode == 0, same.stderr
+    finally:
+        slow.kill()
+        slow.wait()
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert len(run["config"]["indices"]) == 60 and set(run["models"]) == {"a", "c"}
 
 
 def test_models_accumulate_in_one_run(tmp_path: Path) -> None:

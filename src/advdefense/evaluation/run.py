@@ -7,11 +7,13 @@ holds the run's configuration, each model's fingerprint, sanity flags and record
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,6 +48,7 @@ __all__ = [
 ]
 
 RUN_FILE = "run.json"
+CONFIGURATION_LOCK = ".configuration.lock"
 Mode = Literal["minimal", "fixed"]
 
 
@@ -120,7 +123,9 @@ def evaluate_models(
     if detectors and config.mode != "minimal":
         raise InputError("detection is evaluated in minimal mode only (--mode minimal)")
     run_dir = Path(directory)
-    with ResultStore(run_dir) as store:
+    with ResultStore(run_dir) as store, _configuration_held(store, config):
+        for name in models:
+            store.claim(name)
         _evaluate_into(store, models, images, labels, suite, config, detectors, progress=progress)
     # other models of the run may be unfinished (an earlier process was killed): report them
     # as partial, flagged, rather than fail after this evaluation has finished
@@ -165,7 +170,7 @@ def _evaluate_into(
                 "detection": None,
                 "complete": False,
             }
-            _write_run_file(run_dir, config, entries)
+            _write_run_entry(store, config, name, entries[name])
             keys = run_minimal(
                 model,
                 images,
@@ -213,7 +218,7 @@ def _evaluate_into(
             "keys": keys,
             "clean_correct": clean_correct,
         }
-        _write_run_file(run_dir, config, entries)
+        _write_run_entry(store, config, name, entries[name])
 
 
 def _identity(model: nn.Module, detector: Detector | None) -> dict[str, str]:
@@ -247,10 +252,10 @@ def _planned_attacks(suite: AttackSuite, config: RunConfig) -> list[str]:
 
 def _models_already_in(run_dir: Path, config: RunConfig) -> dict[str, Any]:
     """Models an earlier command evaluated into ``run_dir`` under the same configuration."""
+    if not _same_configuration(run_dir, config):
+        return {}
     try:
-        payload = json.loads((run_dir / RUN_FILE).read_text())
-        same = payload["config"] == json.loads(json.dumps(asdict(config)))
-        return dict(payload["models"]) if same else {}
+        return dict(json.loads((run_dir / RUN_FILE).read_text())["models"])
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         return {}
 
@@ -292,6 +297,44 @@ def archive_before_resize(directory: str | os.PathLike[str], config: RunConfig) 
     payload = {**payload, "models": models}
     (archive / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
     return archive
+
+
+@contextmanager
+def _configuration_held(store: ResultStore, config: RunConfig) -> Iterator[None]:
+    """Let processes of ``config`` share the run directory; refuse one of another configuration
+    (which would start the run file afresh) while any of them runs, and vice versa."""
+    run_dir = store.directory
+    with (run_dir / CONFIGURATION_LOCK).open("a") as handle:
+        with store.exclusive():
+            same = not (run_dir / RUN_FILE).exists() or _same_configuration(run_dir, config)
+        try:
+            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if same else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{run_dir} is being evaluated by another process with another configuration "
+                "(suite, samples, mode, thresholds or seed); wait for it to finish or choose "
+                "another --out"
+            ) from None
+        if not same:  # start the run file for this configuration, then share it
+            with store.exclusive():
+                _write_run_file(run_dir, config, {})
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+        yield
+
+
+def _same_configuration(run_dir: Path, config: RunConfig) -> bool:
+    try:
+        payload = json.loads((run_dir / RUN_FILE).read_text())
+        return bool(payload["config"] == json.loads(json.dumps(asdict(config))))
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return False
+
+
+def _write_run_entry(store: ResultStore, config: RunConfig, name: str, entry: Any) -> None:
+    """Set ``name``'s entry in the run file, keeping what other processes wrote there since."""
+    with store.exclusive():
+        models = _models_already_in(store.directory, config)
+        _write_run_file(store.directory, config, {**models, name: entry})
 
 
 def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) -> None:

@@ -6,6 +6,10 @@ killed at any moment therefore loses at most the batch in flight; a torn last li
 (and truncated away) when the store is opened again. Each record is keyed by a hash of
 everything that determines it, so rerunning the same command skips what is done.
 
+Several processes may write one store, each evaluating other models (two cores, two models):
+every append, and the repair of a torn line on opening, holds a short exclusive lock, so lines
+never interleave; :meth:`ResultStore.claim` keeps a second process off a model being evaluated.
+
 A record that takes longer than a working session (an attack run through each of a binarizing
 defense's six surrogates) may also keep finished *parts* under ``partial/<key>/``; a rerun picks
 them up instead of starting the record again, and :meth:`ResultStore.append` deletes them once
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,7 @@ __all__ = ["ResultStore", "model_fingerprint", "record_key"]
 
 RECORDS_FILE = "records.jsonl"
 ADVERSARIALS_DIR = "adversarials"
-LOCK_FILE = ".lock"
+APPEND_LOCK = ".records.lock"  # held while a line is appended or a torn one repaired
 PARTIAL_DIR = "partial"
 
 
@@ -60,21 +65,45 @@ def record_key(**fields: Any) -> str:
 class ResultStore:
     """Append-only JSON-lines records in ``directory``, with their adversarials beside them.
 
-    ``writable=True`` (the default) takes an exclusive lock on the directory for the store's
-    lifetime, so two processes can never append to the same run; a second one is refused with
-    a clear error instead of duplicating work. Readers (reports) pass ``writable=False``.
+    ``writable=True`` (the default) may be open in several processes at once; each claims the
+    models it evaluates (:meth:`claim`), so two processes never compute the same records.
+    Readers (reports) pass ``writable=False``.
     """
 
     def __init__(self, directory: str | os.PathLike[str], *, writable: bool = True) -> None:
         self.directory = Path(directory)
         self.path = self.directory / RECORDS_FILE
         self._records: dict[str, dict[str, Any]] = {}
-        self._lock: Any = None
+        self._writable = writable
+        self._claims: list[Any] = []
         if writable:
             self.directory.mkdir(parents=True, exist_ok=True)
             (self.directory / ADVERSARIALS_DIR).mkdir(exist_ok=True)
-            self._lock = _exclusive_lock(self.directory / LOCK_FILE)
-        self._load(truncate_torn_line=writable)
+            with self.exclusive():
+                self._load(truncate_torn_line=True)
+        else:
+            self._load(truncate_torn_line=False)
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold the directory's short write lock (appends; other processes' run-file updates)."""
+        with (self.directory / APPEND_LOCK).open("a") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            yield  # closing the handle releases the lock
+
+    def claim(self, model: str) -> None:
+        """Reserve ``model`` for this process until :meth:`close` (a killed process frees it);
+        a UserError if another process is evaluating it into this directory."""
+        if not self._writable:
+            raise UserError(f"the store in {self.directory} was opened read-only")
+        path = self.directory / f".model-{record_key(model=model)[:16]}.lock"
+        self._claims.append(
+            _exclusive_lock(
+                path,
+                f"{model} is being evaluated into {self.directory} by another process; wait "
+                "for it to finish or choose another --out",
+            )
+        )
 
     def _load(self, *, truncate_torn_line: bool) -> None:
         """Read every complete record; cut a torn last line left by a killed writer."""
@@ -96,10 +125,10 @@ class ResultStore:
                 handle.truncate(valid_end)
 
     def close(self) -> None:
-        """Release the directory lock (records stay readable)."""
-        if self._lock is not None:
-            self._lock.close()
-            self._lock = None
+        """Release the models claimed (records stay readable)."""
+        for handle in self._claims:
+            handle.close()
+        self._claims.clear()
 
     def __enter__(self) -> ResultStore:
         return self
@@ -125,7 +154,7 @@ class ResultStore:
         self, record: Mapping[str, Any], adversarials: torch.Tensor | None = None
     ) -> dict[str, Any]:
         """Persist one finished record (which must carry a ``key``) and its adversarials."""
-        if self._lock is None:
+        if not self._writable:
             raise UserError(f"the store in {self.directory} was opened read-only")
         key = str(record["key"])
         stored = dict(record)
@@ -137,7 +166,7 @@ class ResultStore:
             os.replace(temporary, target)
             stored["adversarials_file"] = f"{ADVERSARIALS_DIR}/{name}"
         line = (json.dumps(stored, sort_keys=True, allow_nan=True) + "\n").encode()
-        with self.path.open("ab") as handle:
+        with self.exclusive(), self.path.open("ab") as handle:
             handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
@@ -150,7 +179,7 @@ class ResultStore:
     ) -> None:
         """Keep one finished ``part`` of record ``key`` (its ``tensors`` and JSON-able ``info``)
         until the record is appended, written and renamed so a kill leaves no torn file."""
-        if self._lock is None:
+        if not self._writable:
             raise UserError(f"the store in {self.directory} was opened read-only")
         target = self._part_path(key, part)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -208,17 +237,15 @@ class ResultStore:
         return load_file(str(self.directory / record["adversarials_file"]))["adversarials"]
 
 
-def _exclusive_lock(path: Path) -> Any:
-    """Hold an exclusive advisory lock on ``path`` until the returned handle is closed/freed."""
+def _exclusive_lock(path: Path, refusal: str) -> Any:
+    """Hold an exclusive advisory lock on ``path`` until the returned handle is closed/freed;
+    a UserError saying ``refusal`` if another process holds it."""
     handle = path.open("a")
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise UserError(
-            f"{path.parent} is being written by another process (an evaluation is running "
-            "there); wait for it to finish or choose another --out"
-        ) from None
+        raise UserError(refusal) from None
     return handle
 
 
