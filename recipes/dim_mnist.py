@@ -283,7 +283,29 @@ def _model(
     )
     if name not in EXTENDABLE:
         EpochCheckpoint(path).remove()
+    _tell_if_runs_name_other_weights(models_dir.parent, name, model_fingerprint(model))
     return model
+
+
+def _tell_if_runs_name_other_weights(directory: Path, name: str, fingerprint: str) -> None:
+    """Say so when the runs under ``directory`` evaluated other weights under ``name`` (a
+    retrain on another machine): their stages run again, and the tables mark them stale."""
+    earlier: dict[str, str] = {}
+    for run_file in sorted((directory / "runs").glob("*/run.json")):
+        try:
+            entry = json.loads(run_file.read_text())["models"].get(name) or {}
+        except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+            continue
+        if entry.get("fingerprint") not in (None, "", fingerprint):
+            earlier[run_file.parent.name] = entry["fingerprint"][:8] + "…"
+    if earlier:
+        print(
+            f"{name}: its new weights ({fingerprint[:8]}…) are not the ones its runs name "
+            f"({', '.join(sorted(set(earlier.values())))} in {', '.join(earlier)}): those "
+            "stages run again and the tables mark the old results stale. A retrain gives the "
+            "same weights only with the torch thread count and CPU kernels of the first one "
+            "(OMP_NUM_THREADS, ATEN_CPU_CAPABILITY: see the README)"
+        )
 
 
 def _continues(name: str, path: Path, settings: dict[str, Any]) -> bool:

@@ -318,3 +318,27 @@ def test_dim_tables_ignore_an_archive_of_earlier_weights(tmp_path: Path) -> None
     quick = recipe._minimal_summaries(setting, "quick")
     # dim only ran at 12 (archive); cnn's 12 are of its earlier weights, so its 6 are shown
     assert {name: summary.n for name, summary in quick.items()} == {"cnn": 6, "dim": 12}
+
+
+def test_a_retrain_into_other_weights_is_announced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    recipe = _recipe("dim_mnist")
+    trained = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    monkeypatch.setattr(recipe, "train_architecture", lambda *args: (trained, {"epochs": 1}))
+    monkeypatch.setattr(recipe.advdefense, "save", lambda *args, **kwargs: None)
+    images, labels = _data()
+    data = recipe.LabeledImages(images, labels)
+    fingerprint = recipe.model_fingerprint(trained)
+    for run, weights in (("quick", "0123456789abcdef"), ("dim42", fingerprint)):
+        (tmp_path / "runs" / run).mkdir(parents=True)
+        run_file = {"models": {"cnn": {"fingerprint": weights}}}
+        (tmp_path / "runs" / run / "run.json").write_text(json.dumps(run_file))
+    recipe._model("cnn", "fashion-mnist", tmp_path / "models", data, data, torch.device("cpu"), 0)
+    printed = capsys.readouterr().out
+    assert "not the ones its runs name (01234567… in quick)" in printed
+    (tmp_path / "runs" / "quick" / "run.json").write_text(
+        json.dumps({"models": {"cnn": {"fingerprint": fingerprint}}})
+    )
+    recipe._model("cnn", "fashion-mnist", tmp_path / "models", data, data, torch.device("cpu"), 0)
+    assert "not the ones" not in capsys.readouterr().out
