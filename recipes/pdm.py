@@ -480,6 +480,7 @@ def _classifier(setting: Setting, name: str) -> ResNet:
         variance_weight=wanted["variance_weight"],
         siamese_weight=wanted["siamese_weight"],
         checkpoint=checkpoint,
+        reference_accuracies=_recorded_accuracies(setting, name, wanted),
     )
     print(f"training {name} ({ARCHITECTURE}) on {setting.dataset} for {options.epochs} epochs")
     started = time.perf_counter()
@@ -587,6 +588,15 @@ _TRAINING_FIELDS = (
     "train_samples",
     "seconds",
 )
+
+
+def _recorded_accuracies(setting: Setting, name: str, wanted: dict[str, Any]) -> tuple[float, ...]:
+    """The per-epoch training accuracies Table 1's record keeps of the model trained as
+    ``wanted``, which a retrain repeats when it gives the same weights (empty if none)."""
+    training = _read_json(setting.run_dir("table1") / f"{name}.json").get("training", {})
+    if any(training.get(key) != value for key, value in wanted.items()):
+        return ()
+    return tuple(training.get("train_accuracy_per_epoch", ()))
 
 
 def _training_record(setting: Setting, name: str) -> dict[str, Any]:

@@ -621,3 +621,30 @@ def test_warmup_trains_the_classification_term_alone_first() -> None:
     # After the warm-up the pair terms count: the total exceeds the classification term.
     second = warm_records[1]
     assert second.loss > second.classification_loss + 0.1 * second.siamese_loss
+
+
+def test_a_retrain_departing_from_its_reference_warns_at_that_epoch() -> None:
+    """The epoch whose training accuracy differs from the earlier run's is named, once."""
+    images, labels = _clustered_images(48, seed=0)
+    config = PDMTrainingConfig(loss="ce", epochs=3, batch_size=12, learning_rate=0.05, seed=4)
+
+    def train(reference: tuple[float, ...]) -> list[str]:
+        model = build_resnet("resnet8", "ce", in_channels=1, num_classes=3, seed=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _, history = train_pdm(
+                model, images, labels, config, progress=False, reference_accuracies=reference
+            )
+        departures = [
+            str(w.message) for w in caught if "the run this one repeats" in str(w.message)
+        ]
+        accuracies.extend(r.accuracy for r in history.epochs)
+        return departures
+
+    accuracies: list[float] = []
+    assert train(()) == []
+    first = tuple(accuracies)
+    assert train(first) == []  # the same run again: no departure
+    shifted = (first[0], first[1] + 0.5, first[2] + 0.5)
+    departures = train(shifted)
+    assert len(departures) == 1 and departures[0].startswith("epoch 2:")

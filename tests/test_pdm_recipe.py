@@ -774,3 +774,17 @@ def test_the_plateau_diagnosis_script_uses_the_recipes_rvl_weight() -> None:
     recipe = _recipe()
     assert script.RECIPE_VARIANCE_WEIGHT == recipe.VARIANCE_WEIGHT
     assert script.LOSSES_WITH_PAIRS == recipe.PAIR_LOSSES
+
+
+def test_a_retrain_is_checked_against_table_1s_recorded_curve(tmp_path: Path) -> None:
+    """The curve of the model trained as the recipe wants is the reference; another's is not."""
+    recipe = _recipe()
+    setting = recipe.Setting(DATASET, tmp_path, None, 10, 0, False, torch.device("cpu"))
+    wanted = recipe.training_choices(DATASET, "ce")
+    record = {"training": {**wanted, "train_accuracy_per_epoch": [0.5, 0.75]}}
+    (tmp_path / "runs" / "table1").mkdir(parents=True)
+    (tmp_path / "runs" / "table1" / "ce.json").write_text(json.dumps(record))
+    assert recipe._recorded_accuracies(setting, "ce", wanted) == (0.5, 0.75)
+    longer = {**wanted, "epochs": wanted["epochs"] + 1}
+    assert recipe._recorded_accuracies(setting, "ce", longer) == ()
+    assert recipe._recorded_accuracies(setting, "rce", wanted) == ()  # no record

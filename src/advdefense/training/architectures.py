@@ -59,6 +59,9 @@ class TrainOptions:
     warmup_epochs: int = PDMTrainingConfig.warmup_epochs
     checkpoint: EpochCheckpoint | None = None
     """Per-epoch resumable state (cnn, madry and the PDM family; DIM trains in one go)."""
+    reference_accuracies: tuple[float, ...] = ()
+    """An earlier run's training accuracy per epoch, to warn early when a retrain departs from
+    it (the PDM family)."""
 
     def resolved(self, architecture: str) -> TrainOptions:
         """These options with the family's default batch size and learning rate filled in."""
@@ -187,6 +190,7 @@ def _train_pdm_family(
         device=options.device,
         progress=options.progress,
         checkpoint=options.checkpoint,
+        reference_accuracies=options.reference_accuracies,
     )
     seconds = sum(getattr(record, "seconds", 0.0) for record in history.epochs)
     return model, {

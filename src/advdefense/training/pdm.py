@@ -49,6 +49,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
@@ -269,6 +270,7 @@ def train_pdm(
     device: torch.device | None = None,
     progress: bool = True,
     checkpoint: EpochCheckpoint | None = None,
+    reference_accuracies: Sequence[float] = (),
 ) -> tuple[ResNet, TrainingHistory]:
     """Train ``model`` on ``(images, labels)`` with ``config.loss``; return it and its history.
 
@@ -278,7 +280,9 @@ def train_pdm(
     :class:`PDMEpochRecord` per epoch. The model is left in eval mode on ``device``.
     With a ``checkpoint``, the state is saved after every epoch and an interrupted run with
     the same config, architecture and data resumes from its last finished epoch; the caller
-    removes the state once the model is saved.
+    removes the state once the model is saved. ``reference_accuracies``, an earlier run's
+    training accuracy per epoch, makes the first epoch that departs from it warn: the weights
+    will not be that run's (other torch threads or CPU kernels), an hour before the end.
     """
     if not isinstance(model, ResNet):
         raise InputError(f"model must be an advdefense ResNet, got {type(model).__name__}")
@@ -378,12 +382,33 @@ def train_pdm(
             )
             history.epochs.append(record)
             run.save(history.epochs)
+            _warn_on_departure(record, reference_accuracies, history)
             bar.set_postfix(epoch=epoch, loss=f"{record.loss:.4f}", acc=f"{record.accuracy:.4f}")
     finally:
         bar.close()
         model.eval()
     _warn_if_near_chance(history, model.config.num_classes, config)
     return model, history
+
+
+def _warn_on_departure(
+    record: PDMEpochRecord, reference: Sequence[float], history: TrainingHistory
+) -> None:
+    """Warn at the first epoch whose training accuracy differs from ``reference``'s."""
+    earlier = [r for r in history.epochs if r.epoch < record.epoch]
+    if record.epoch > len(reference) or any(
+        r.epoch <= len(reference) and r.accuracy != reference[r.epoch - 1] for r in earlier
+    ):
+        return  # nothing to compare, or already reported
+    if record.accuracy != reference[record.epoch - 1]:
+        warnings.warn(
+            f"epoch {record.epoch}: training accuracy {record.accuracy:.6f}, not the "
+            f"{reference[record.epoch - 1]:.6f} of the run this one repeats, so the weights "
+            "will differ from that run's and what was computed on them is redone; a retrain "
+            "repeats a run only with its torch thread count and CPU kernels (OMP_NUM_THREADS, "
+            "ATEN_CPU_CAPABILITY)",
+            stacklevel=3,
+        )
 
 
 def _warn_if_near_chance(
