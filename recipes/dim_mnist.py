@@ -9,6 +9,8 @@ stages 1 and 2 as soon as it exists, then runs stage 3 for every model (all resu
 2. ``quick-adaptive`` in fixed mode at the L-inf and L2 thresholds on the same samples: the
    quick attacks first, then targeted margin/DLR PGD towards every other class and DIM's
    internal attack on what is still robust (DESIGN.md §3.4);
+   ``convergence``, in fixed mode too: PGD, then PGD with 5x the steps and 5 random restarts
+   on what PGD left (DESIGN.md §3.5: more steps or restarts should change little);
 3. the paper's ``dim42`` suite (Foolbox defaults, nothing weakened) on the first
    ``min(n, 200)`` samples, cheapest attacks first: C&W, Boundary and Pointwise x 10 come last
    and take hours per model on 2 CPU cores; rerun the command to continue.
@@ -44,7 +46,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -88,7 +90,9 @@ THRESHOLDS = {
 }
 # Run order: cheap models first, Madry (hours of adversarial training on a CPU) last.
 MODELS = ("cnn", "bicnn", "dim", "bidim", "im", "singleim", "dn-singleim", "madry")
-STAGES = ("quick", "adaptive", "dim42")  # the module docstring's stages 1-3
+STAGES = ("quick", "adaptive", "convergence", "dim42")  # the module docstring's stages 1-3
+# the fixed-mode stages: their suite, run at each norm's threshold into runs/<suite>-<norm>
+FIXED_STAGES = {"adaptive": "quick-adaptive", "convergence": "convergence"}
 # DIMTrainingConfig's defaults make ~9,400 internal-model steps on 60,000 images. The sample's
 # 4,000 images need more passes: measured on mnist-sample (seed 0), DIM reaches 81.1% test
 # accuracy with 20/10 epochs at batch 128, 93.5% with 100/50 at 128, 94.3% with 100/50 at 32 and
@@ -173,7 +177,7 @@ def reproduce(
             loaded[name] = _model(name, dataset, directory / "models", train, test, device, seed)
             if name == "dim":
                 _latent_figure(setting, loaded[name], test)
-            for stage in ("quick", "adaptive"):
+            for stage in ("quick", *FIXED_STAGES):
                 if stage in stages:
                     _timed(stage, setting, name, loaded[name].to(device))
         if "dim42" in stages:
@@ -330,12 +334,12 @@ def _continues(name: str, path: Path, settings: dict[str, Any]) -> bool:
 
 def _run_stage(stage: str, setting: Setting, name: str, model: nn.Module) -> None:
     """One model through one stage (skipping finished work), then the stage's reports."""
-    if stage == "adaptive":
-        suite = get_suite("quick-adaptive")
+    if stage in FIXED_STAGES:
+        suite = get_suite(FIXED_STAGES[stage])
         for norm in ("linf", "l2"):
             config = replace(_config(setting, suite.name, "fixed", setting.n), norm=norm)
             config = replace(config, epsilon=setting.thresholds[norm])
-            _evaluate(setting, f"quick-adaptive-{norm}", config, name, model)
+            _evaluate(setting, f"{suite.name}-{norm}", config, name, model)
         return
     count = setting.dim42_n if stage == "dim42" else setting.n
     _evaluate(setting, stage, _config(setting, stage, "minimal", count), name, model)
@@ -471,71 +475,73 @@ def _broken_within(distances: Any, threshold: float) -> list[bool]:
 
 
 def render_true_robustness(setting: Setting) -> str:
-    """Per model and norm: paper protocol (dim42), quick, quick+adaptive, and the worst case."""
+    """Per model and norm: paper protocol (dim42), quick, the fixed-mode stages (quick +
+    adaptive; PGD and PGD 5x longer with restarts), and the worst case over them all."""
     dim42 = _minimal_summaries(setting, "dim42")
     quick = _minimal_summaries(setting, "quick")
-    fixed: dict[str, dict[str, FixedSummary]] = {}
-    for norm in ("linf", "l2"):
-        for name, summary in _stage_summaries(setting, f"quick-adaptive-{norm}").items():
-            if isinstance(summary, FixedSummary):
-                fixed.setdefault(name, {})[norm] = summary
+    fixed: dict[str, dict[tuple[str, str], FixedSummary]] = {}
+    for suite in FIXED_STAGES.values():
+        for norm in ("linf", "l2"):
+            for name, summary in _stage_summaries(setting, f"{suite}-{norm}").items():
+                if isinstance(summary, FixedSummary):
+                    fixed.setdefault(name, {})[suite, norm] = summary
     lines = [
         "| model | norm | ε | clean | paper protocol (dim42) | quick | quick + adaptive | "
-        "worst case over the stages |",
-        "|---|---|---|---|---|---|---|---|",
+        "PGD, then 5x steps and 5 restarts | worst case over the stages |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in MODELS:
         for norm in ("linf", "l2"):
             threshold = setting.thresholds[norm]
-            paper, quick_summary, adaptive = _same_weights(
-                dim42.get(name), quick.get(name), fixed.get(name, {}).get(norm)
-            )
-            counts = sorted({s.n for s in (quick_summary, adaptive) if s is not None})
+            found = [fixed.get(name, {}).get((suite, norm)) for suite in FIXED_STAGES.values()]
+            paper, quick_summary, *kept = _same_weights(dim42.get(name), quick.get(name), *found)
+            runs = (quick_summary, *kept)
+            counts = sorted({s.n for s in runs if s is not None})
             label = name if counts in ([], [setting.n]) else f"{name} (n = {_listed(counts)})"
             cells = [label, norm, f"{threshold:g}"]
             clean = quick_summary.clean_accuracy if quick_summary else math.nan
             cells.append(_percent(clean))
-            found = dim42.get(name)
-            cells.append(_norm_cell(found, norm) + (" (stale)" if found and not paper else ""))
+            stale = dim42.get(name) is not None and paper is None
+            cells.append(_norm_cell(dim42.get(name), norm) + (" (stale)" if stale else ""))
             cells.append(_norm_cell(quick_summary, norm))
-            found_fixed = fixed.get(name, {}).get(norm)
-            stale = " (stale)" if found_fixed and not adaptive else ""
-            cells.append(_fixed_cell(found_fixed) + stale)
-            cells.append(_worst_case_cell(paper, quick_summary, adaptive, norm, threshold))
+            for stage_run, held in zip(found, kept, strict=True):
+                stale = stage_run is not None and held is None
+                cells.append(_fixed_cell(stage_run) + (" (stale)" if stale else ""))
+            cells.append(_worst_case_cell(paper, quick_summary, kept, norm, threshold))
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(
-        f"Accuracy in percent [95% Wilson interval]. quick and quick + adaptive: first "
+        f"Accuracy in percent [95% Wilson interval]. quick and the fixed-mode stages: first "
         f"n = {setting.n} test samples of {setting.dataset} (a model's own n, where it "
         f"differs, beside its name); dim42: first {setting.dim42_n}. "
-        "quick + adaptive runs in fixed mode (each attack only on what is still robust). The "
-        "worst case counts a sample as robust only if no attack of any stage broke it within ε "
-        "(on the dim42 samples once dim42 has run): the true robustness next to the "
-        "paper-protocol number. `*`: a stage is missing, stale or still has attacks pending. "
-        "(stale): that stage ran on other weights of the model than its quick stage (the "
-        "model was retrained since); it is left out of the worst case until it runs again."
+        "The fixed-mode stages run each attack only on what is still robust: quick + adaptive "
+        "(DESIGN.md §3.4), and PGD followed by PGD with 5x the steps and 5 random restarts "
+        "(§3.5's convergence check: the two should differ little). The worst case counts a "
+        "sample as robust only if no attack of any stage broke it within ε (on the dim42 "
+        "samples once dim42 has run): the true robustness next to the paper-protocol number. "
+        "`*`: a stage is missing, stale or still has attacks pending. (stale): that stage ran "
+        "on other weights of the model than its quick stage (the model was retrained since); "
+        "it is left out of the worst case until it runs again."
     )
     return "\n".join(lines) + "\n"
 
 
-Stage = TypeVar("Stage", ModelSummary, FixedSummary)
-
-
 def _same_weights(
-    paper: ModelSummary | None, quick: ModelSummary | None, adaptive: FixedSummary | None
-) -> tuple[ModelSummary | None, ModelSummary | None, FixedSummary | None]:
+    paper: ModelSummary | None, quick: ModelSummary | None, *fixed: FixedSummary | None
+) -> tuple[Any, ...]:
     """The stages that ran on the model's current weights, the others as ``None``.
 
     The current weights are the quick stage's (the recipe runs it first on a new model), else
-    the adaptive stage's; a stage whose run names other weights is stale, and merging it into a
-    worst case would mix two models."""
-    current = next((s.fingerprint for s in (quick, adaptive, paper) if s and s.fingerprint), "")
+    the first fixed-mode stage's; a stage whose run names other weights is stale, and merging
+    it into a worst case would mix two models."""
+    stages = (quick, *fixed, paper)
+    current = next((s.fingerprint for s in stages if s and s.fingerprint), "")
 
-    def kept(stage: Stage | None) -> Stage | None:
+    def kept(stage: Any) -> Any:
         stale = stage is not None and current and stage.fingerprint not in ("", current)
         return None if stale else stage
 
-    return kept(paper), kept(quick), kept(adaptive)
+    return (kept(paper), kept(quick), *(kept(stage) for stage in fixed))
 
 
 def _listed(counts: list[int]) -> str:
@@ -560,7 +566,7 @@ def _fixed_cell(summary: FixedSummary | None) -> str:
 def _worst_case_cell(
     paper: ModelSummary | None,
     quick: ModelSummary | None,
-    adaptive: FixedSummary | None,
+    fixed: Sequence[FixedSummary | None],
     norm: str,
     threshold: float,
 ) -> str:
@@ -571,13 +577,12 @@ def _worst_case_cell(
         if summary is not None and norm in summary.norms:
             distances = summary.norms[norm].distances
             stages.append(_broken_within(distances, threshold))
-    if adaptive is not None:
-        stages.append([b is not None for b in adaptive.broken_by])
+    stages.extend([b is not None for b in run.broken_by] for run in fixed if run is not None)
     if not stages:
         return "not run"
     count = min(len(stage) for stage in stages)
     broken = [any(stage[index] for stage in stages) for index in range(count)]
-    missing = paper is None or quick is None or adaptive is None
+    missing = paper is None or quick is None or None in fixed
     partial = any(s is not None and s.pending for s in (paper, quick))
     marker = "*" if missing or partial else ""
     return percent_with_interval(sum(not b for b in broken), count) + marker

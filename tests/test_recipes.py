@@ -89,16 +89,10 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
         config = _run(tmp_path, suite, "minimal", 12)
         directory = setting.run_dir(run)
         evaluate_models(models, images, labels, get_suite(suite), config, directory, progress=False)
-    fixed = _run(tmp_path, "quick-adaptive", "fixed", 12, norm="linf", epsilon=0.3)
-    evaluate_models(
-        models,
-        images,
-        labels,
-        get_suite("quick-adaptive"),
-        fixed,
-        setting.run_dir("quick-adaptive-linf"),
-        progress=False,
-    )
+    for suite in ("quick-adaptive", "convergence"):
+        fixed = _run(tmp_path, suite, "fixed", 12, norm="linf", epsilon=0.3)
+        directory = setting.run_dir(f"{suite}-linf")
+        evaluate_models(models, images, labels, get_suite(suite), fixed, directory, progress=False)
     recipe.write_tables(setting)
     table1 = (tmp_path / "table1.md").read_text()
     pgd_row = next(line for line in table1.splitlines() if line.startswith("| linf-pgd |"))
@@ -115,7 +109,7 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
     dim_linf = next(line for line in truth.splitlines() if line.startswith("| dim | linf |"))
     assert dim_linf.count("not run") == 0
     dim_l2 = next(line for line in truth.splitlines() if line.startswith("| dim | l2 |"))
-    assert "not run" in dim_l2  # no quick-adaptive run in L2
+    assert dim_l2.count("not run") == 2  # no fixed-mode run in L2
     # cnn's all-L-inf cell, ours then the paper's: median distance / accuracy in both tables,
     # but the paper's Table 2 has accuracies only
     cnn_cells = [
@@ -142,9 +136,11 @@ def test_dim_stages_choose_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     recipe.reproduce(*arguments, ("dim42", "adaptive"))
     assert ran == [("adaptive", "dim"), ("adaptive", "cnn"), ("dim42", "dim"), ("dim42", "cnn")]
     ran.clear()
-    recipe.reproduce(*arguments)  # all three by default
-    assert [stage for stage, _ in ran] == ["quick", "adaptive"] * 2 + ["dim42"] * 2
-    with pytest.raises(InputError, match=r"stage\(s\) table1; choose from quick, adaptive, dim42"):
+    recipe.reproduce(*arguments)  # all four by default
+    cheap = ["quick", "adaptive", "convergence"]
+    assert [stage for stage, _ in ran] == cheap * 2 + ["dim42"] * 2
+    choices = "quick, adaptive, convergence, dim42"
+    with pytest.raises(InputError, match=rf"stage\(s\) table1; choose from {choices}"):
         recipe.reproduce(*arguments, ("table1",))
 
 
@@ -288,9 +284,10 @@ def test_dim_tables_do_not_merge_stages_of_a_retrained_model(tmp_path: Path) -> 
         config = _run(tmp_path, suite, "minimal", 12)
         for name, model in models.items():
             recipe._evaluate(setting, run, config, name, model)
-    fixed = _run(tmp_path, "quick-adaptive", "fixed", 12, norm="linf", epsilon=0.3)
-    for name, model in models.items():
-        recipe._evaluate(setting, "quick-adaptive-linf", fixed, name, model)
+    for suite in ("quick-adaptive", "convergence"):
+        fixed = _run(tmp_path, suite, "fixed", 12, norm="linf", epsilon=0.3)
+        for name, model in models.items():
+            recipe._evaluate(setting, f"{suite}-linf", fixed, name, model)
     retrained = MeanPixel(2.0)  # so gentle a slope that no level is robust at 0.3
     recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "cnn", retrained)
     recipe.write_tables(setting)
@@ -301,11 +298,11 @@ def test_dim_tables_do_not_merge_stages_of_a_retrained_model(tmp_path: Path) -> 
         for cells in [[cell.strip() for cell in line.strip("|").split("|")]]
     }
     cnn = rows[("cnn", "linf")]
-    assert cnn[4].endswith("(stale)") and cnn[6].endswith("(stale)")
+    assert all(cnn[column].endswith("(stale)") for column in (4, 6, 7))
     assert not cnn[5].endswith("(stale)")
-    assert cnn[7] == cnn[5] + "*"  # the worst case is the quick stage alone, marked incomplete
+    assert cnn[8] == cnn[5] + "*"  # the worst case is the quick stage alone, marked incomplete
     dim = rows[("dim", "linf")]
-    assert "stale" not in " ".join(dim) and not dim[7].endswith("*")
+    assert "stale" not in " ".join(dim) and not dim[8].endswith("*")
 
 
 def test_dim_tables_ignore_an_archive_of_earlier_weights(tmp_path: Path) -> None:
