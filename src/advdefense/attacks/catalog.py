@@ -137,6 +137,10 @@ class AttackEntry:
             ``internal-intensity`` for DIM's internal attack; models without it skip the entry.
         checks_convergence_of: Id of the entry this one reruns with more steps and restarts;
             a sanity flag compares the two (DESIGN.md §3.5). Not part of a record's key.
+        solver_timeout: Seconds one per-sample solve of a Brendel-Bethge step may take before it
+            is abandoned (:mod:`advdefense.attacks.solver_watchdog`: Foolbox's solver can loop
+            forever); None runs the attack unwatched. Not part of a record's key: it changes
+            nothing on samples whose solves return.
     """
 
     id: str
@@ -152,6 +156,7 @@ class AttackEntry:
     requires: tuple[str, ...] = field(default=())
     score_view: str | None = None
     checks_convergence_of: str | None = None
+    solver_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -160,6 +165,11 @@ class AttackEntry:
             raise InputError(
                 f"attack {self.id!r}: restarts and cost must be >= 1, "
                 f"got {self.restarts} and {self.cost}"
+            )
+        if self.solver_timeout is not None and not self.solver_timeout > 0:
+            raise InputError(
+                f"attack {self.id!r}: solver_timeout must be > 0 seconds or None, "
+                f"got {self.solver_timeout!r}"
             )
         if self.start_from is not None and not self.needs_starting_point:
             raise InputError(
@@ -245,6 +255,7 @@ def _entry(
     requires: tuple[str, ...] = (),
     score_view: str | None = None,
     checks_convergence_of: str | None = None,
+    solver_timeout: float | None = None,
 ) -> AttackEntry:
     return AttackEntry(
         id=id,
@@ -260,6 +271,7 @@ def _entry(
         requires=requires,
         score_view=score_view,
         checks_convergence_of=checks_convergence_of,
+        solver_timeout=solver_timeout,
     )
 
 
@@ -292,6 +304,9 @@ def _split_camel(name: str) -> list[str]:
 
 
 _BB_NOTE = "needs an adversarial starting point and numba"
+# A solve takes milliseconds on 28 x 28 images; the limit leaves room for slow machines, large
+# inputs and Numba compiling in a fresh worker.
+BB_SOLVER_TIMEOUT = 300.0
 _FMN: tuple[tuple[Norm, Callable[..., Any]], ...] = (
     ("l0", L0FMNAttack),
     ("l1", L1FMNAttack),
@@ -441,6 +456,7 @@ _ENTRIES: tuple[AttackEntry, ...] = (
         paper_name="L₂ BrendelBethgeAttack",
         needs_starting_point=True,
         requires=("numba",),
+        solver_timeout=BB_SOLVER_TIMEOUT,
         cost=2000,
     ),
     _entry(
@@ -527,6 +543,7 @@ _ENTRIES: tuple[AttackEntry, ...] = (
         paper_name="L∞ BrendelBethgeAttack",
         needs_starting_point=True,
         requires=("numba",),
+        solver_timeout=BB_SOLVER_TIMEOUT,
         cost=2000,
     ),
     # ---- L0 (2) ----
@@ -564,6 +581,7 @@ _ENTRIES: tuple[AttackEntry, ...] = (
         paper_name="L₁ BrendelBethgeAttack",
         needs_starting_point=True,
         requires=("numba",),
+        solver_timeout=BB_SOLVER_TIMEOUT,
         cost=2000,
     ),
     # ---- not in the DIM paper ----
@@ -601,6 +619,7 @@ _ENTRIES: tuple[AttackEntry, ...] = (
             needs_starting_point=True,
             start_from=start,
             requires=("numba",),
+            solver_timeout=BB_SOLVER_TIMEOUT,
             cost=2000,
         )
         for norm, factory, start in _BB_FROM_PGD

@@ -33,6 +33,7 @@ from foolbox.types import Bounds
 
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
+from advdefense.attacks.solver_watchdog import watched_solver
 from advdefense.errors import InputError
 from advdefense.validation import check_images, check_labels
 
@@ -189,16 +190,22 @@ def _foolbox_outputs(
     epsilons: Epsilons,
     starting_points: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    """One Foolbox call; the (unchecked) adversarial for each epsilon."""
+    """One Foolbox call; the (unchecked) adversarial for each epsilon.
+
+    With ``entry.solver_timeout`` the attack's solver runs under a time limit
+    (:func:`~advdefense.attacks.solver_watchdog.watched_solver`), which warns with an
+    :class:`~advdefense.attacks.solver_watchdog.AttackStalledWarning` if it abandons samples.
+    """
     attack = entry.build()
     fmodel = _with_input_gradient(fmodel, images)
     extra = {} if starting_points is None else {"starting_points": starting_points}
-    if entry.minimization:
-        # MinimizationAttack.__call__ forwards ``starting_points`` to ``run``.
-        _, adversarials, _ = attack(fmodel, images, labels, epsilons=[None], **extra)
-        return [adversarials[0]] * len(epsilons)
-    _, clipped, _ = attack(fmodel, images, labels, epsilons=list(epsilons), **extra)
-    return list(clipped)
+    with watched_solver(attack, entry.solver_timeout):
+        if entry.minimization:
+            # MinimizationAttack.__call__ forwards ``starting_points`` to ``run``.
+            _, adversarials, _ = attack(fmodel, images, labels, epsilons=[None], **extra)
+            return [adversarials[0]] * len(epsilons)
+        _, clipped, _ = attack(fmodel, images, labels, epsilons=list(epsilons), **extra)
+        return list(clipped)
 
 
 def _finalize_all(

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
+from advdefense.attacks.solver_watchdog import AttackStalledWarning, stalled_positions
 from advdefense.attacks.starting_points import best_starting_points, run_attack
 from advdefense.attacks.suites import AttackSuite
 from advdefense.declaration import declaration_of
@@ -392,17 +393,20 @@ class _Attacked:
     targets: list[str]
     error: str | None
     resumed_seconds: float = 0.0  # wall time of targets finished by an earlier, killed run
+    solver_stalls: str | None = None  # samples whose solver was abandoned, per target
 
 
 @dataclass(frozen=True)
 class _TargetRun:
-    """What one target contributed to an attack: adversarials per epsilon, or an error."""
+    """What one target contributed to an attack: adversarials per epsilon, or an error; and the
+    samples whose solver it abandoned."""
 
     adversarials: list[torch.Tensor]
     error: str | None
     forward_calls: int
     backward_calls: int
     seconds: float
+    solver_stalls: str | None = None
 
 
 @dataclass(frozen=True)
@@ -426,6 +430,7 @@ class _FinishedTargets:
             info["forward_calls"],
             info["backward_calls"],
             info["seconds"],
+            info.get("solver_stalls"),
         )
 
     def save(self, target: str, run: _TargetRun) -> None:
@@ -435,6 +440,7 @@ class _FinishedTargets:
             "forward_calls": run.forward_calls,
             "backward_calls": run.backward_calls,
             "seconds": run.seconds,
+            "solver_stalls": run.solver_stalls,
         }
         tensors = {f"epsilon_{i}": found for i, found in enumerate(run.adversarials)}
         self.store.save_part(self.key, target, tensors, info)
@@ -457,7 +463,8 @@ def _attack_targets(
     :mod:`advdefense.evaluation.targets`), refine binarized adversarials, and collect them.
 
     An attack that raises on a target (e.g. no gradient reaches the input) contributes nothing
-    from it; its error is stored and flagged in the report. No target at all (the model lacks
+    from it; its error is stored and flagged in the report, as are the samples whose solver
+    it abandoned (its adversarials still count). No target at all (the model lacks
     the entry's score view) yields the clean images and an error saying so. With several
     targets, each finished one is kept in ``finished`` and taken from there on a rerun (every
     run of an attack is seeded by ``generator_seed`` alone, so the result is the same).
@@ -473,13 +480,14 @@ def _attack_targets(
     keep = finished if len(targets) > 1 else None
     candidates: list[tuple[int, torch.Tensor]] = []
     errors: list[str] = []
+    stalls: list[str] = []
     resumed_seconds = 0.0
     for target in targets:
         run = None if keep is None else keep.load(target.name)
         if run is None:
             forward_before, backward_before = counter.forward_calls, counter.backward_calls
             started = time.perf_counter()
-            adversarials, error = _run_on_target(
+            adversarials, error, stalled = _run_on_target(
                 entry,
                 target,
                 foolbox_model,
@@ -499,21 +507,27 @@ def _attack_targets(
                 counter.forward_calls - forward_before,
                 counter.backward_calls - backward_before,
                 time.perf_counter() - started,
+                stalled,
             )
             if keep is not None:
                 keep.save(target.name, run)
         else:
             counter.add_calls(run.forward_calls, run.backward_calls)
             resumed_seconds += run.seconds
+        where = "" if len(targets) == 1 else f"[{target.name}] "
+        if run.solver_stalls is not None:
+            stalls.append(f"{where}{run.solver_stalls}")
         if run.error is not None:
-            where = "" if len(targets) == 1 else f"[{target.name}] "
             errors.append(f"{where}{run.error}")
-            continue
         candidates.extend(enumerate(found.to(images.device) for found in run.adversarials))
     if not candidates:
         candidates = [(position, images.clone()) for position in range(len(epsilons))]
     return _Attacked(
-        candidates, [t.name for t in targets], "; ".join(errors) or None, resumed_seconds
+        candidates,
+        [t.name for t in targets],
+        "; ".join(errors) or None,
+        resumed_seconds,
+        "; ".join(stalls) or None,
     )
 
 
@@ -529,12 +543,14 @@ def _run_on_target(
     mask: torch.Tensor | None,
     generator_seed: int,
     binarization_threshold: float | None,
-) -> tuple[list[torch.Tensor], str | None]:
+) -> tuple[list[torch.Tensor], str | None, str | None]:
     """The attack's adversarials per epsilon on one target (refined on ``foolbox_model`` when
-    the defense binarizes), or no adversarials and the error it raised."""
+    the defense binarizes), or none and the error it raised; and a note naming the samples
+    whose solver it abandoned, if any."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", UserWarning)
+            warnings.simplefilter("always", AttackStalledWarning)
             adversarials, _ = run_attack(
                 entry,
                 target.foolbox_model,
@@ -551,8 +567,24 @@ def _run_on_target(
                 for found in adversarials
             ]
     except Exception as error:  # recorded in the store and shown as a report flag
-        return [], f"{type(error).__name__}: {error}"
-    return list(adversarials), None
+        return [], f"{type(error).__name__}: {error}", None
+    return list(adversarials), None, _stall_note(caught, images)
+
+
+def _stall_note(caught: list[warnings.WarningMessage], images: torch.Tensor) -> str | None:
+    """The :class:`AttackStalledWarning` among ``caught`` as one note naming batch positions;
+    every other warning is shown as usual."""
+    notes = []
+    for message in caught:
+        stalled = message.message
+        if not isinstance(stalled, AttackStalledWarning):
+            warnings.showwarning(
+                message.message, message.category, message.filename, message.lineno
+            )
+            continue
+        positions = stalled_positions(stalled.originals, images.detach().cpu().numpy())
+        notes.append(f"{stalled} [batch positions {positions}]")
+    return "; ".join(notes) or None
 
 
 def _minimal_batch(
@@ -618,6 +650,7 @@ def _minimal_batch(
         "backward_calls": backward_calls,
         "targets": attacked.targets,
         "error": attacked.error,
+        "solver_stalls": attacked.solver_stalls,
     }
     return record, chosen
 
@@ -800,4 +833,5 @@ def _fixed_batch(
         "backward_calls": backward_calls,
         "targets": attacked.targets,
         "error": attacked.error,
+        "solver_stalls": attacked.solver_stalls,
     }

@@ -91,6 +91,8 @@ def result_flags(summary: ModelSummary) -> list[str]:
             flags.append(
                 f"{attack.attack_id} raised on some batches (counted as not broken): {error}"
             )
+        for stalled in attack.solver_stalls:
+            flags.append(f"{attack.attack_id}: {stalled}")
         zero = float((attack.distances > 0).mean()) if attack.distances.size else math.nan
         if not math.isclose(zero, summary.clean_accuracy, abs_tol=1e-9):
             flags.append(

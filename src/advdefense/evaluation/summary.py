@@ -82,6 +82,7 @@ class AttackResult(_DistanceStatistics):
     grid: tuple[float, ...] | None = None
     grid_success: tuple[int, ...] | None = None
     errors: tuple[str, ...] = ()
+    solver_stalls: tuple[str, ...] = ()  # samples whose solver the attack abandoned
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class _Accumulator:
     forward_calls: int = 0
     backward_calls: int = 0
     errors: list[str] = field(default_factory=list)
+    solver_stalls: list[str] = field(default_factory=list)
 
     def result(self, attack_id: str, threshold: float) -> AttackResult:
         if np.isnan(self.distances).any():
@@ -168,6 +170,7 @@ class _Accumulator:
             tuple(self.grid) if self.grid else None,
             tuple(self.grid_success) if self.grid_success else None,
             tuple(dict.fromkeys(self.errors)),
+            tuple(dict.fromkeys(self.solver_stalls)),
         )
 
 
@@ -225,6 +228,8 @@ def summarize_minimal(
         slot.backward_calls += record["backward_calls"]
         if record.get("error"):
             slot.errors.append(record["error"])
+        if record.get("solver_stalls"):
+            slot.solver_stalls.append(record["solver_stalls"])
         if record.get("grid_success") is not None:
             previous = slot.grid_success or [0] * len(record["grid_success"])
             slot.grid_success = [
