@@ -546,7 +546,7 @@ def test_run_report_formats_and_plot(tmp_path: Path) -> None:
     plot = plot_accuracy_curves([run], tmp_path / "plot.png")
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     fixed = evaluate_models(
-        {"bright": Brightness().eval()},
+        {"bright": Brightness().eval(), "binary": _Binarized().eval()},
         images,
         labels,
         DETERMINISTIC,
@@ -555,6 +555,11 @@ def test_run_report_formats_and_plot(tmp_path: Path) -> None:
         progress=False,
     )
     assert "robust accuracy" in render([fixed], "md")
+    # fixed mode keeps the model checks too (biCNN's zero gradients must not go unsaid)
+    flags = report_json([load_run(tmp_path / "fixed")])["models"]
+    assert flags["bright"]["flags"] == []
+    assert any("zero input gradients" in flag for flag in flags["binary"]["flags"])
+    assert "binary: " in render([fixed], "md").split("Flags:")[1]
     with pytest.raises(InputError, match="cannot mix"):
         render([run, fixed], "md")
     with pytest.raises(UserError, match="not an evaluation run"):
@@ -591,6 +596,36 @@ def test_fixed_report_merges_runs_of_one_model_per_sample(tmp_path: Path) -> Non
     wrapper = run("wrapper", {5: "linf-pgd"}, "f1")
     wrapper.summaries[0] = dataclasses.replace(wrapper.summaries[0], model="wrapped")
     assert "robust against every run" not in render([pgd, wrapper], "md")
+
+
+def test_fixed_mode_flags_attack_errors_and_solver_stalls(tmp_path: Path) -> None:
+    from advdefense.evaluation.sanity import fixed_result_flags
+    from advdefense.evaluation.summary import summarize_fixed
+
+    with ResultStore(tmp_path) as store:
+        for key, error, stalled in [
+            ("k1", "TypeError: no gradient", None),
+            ("k2", None, "solver did not return [batch positions [1]]"),
+            ("k3", None, None),
+        ]:
+            attack = "linf-pgd" if key == "k1" else "linf-brendel-bethge"
+            broken = [key == "k3", False]
+            record = {"key": key, "attack": attack, "seconds": 1.0, "indices": [0, 1]}
+            store.append({**record, "broken": broken, "error": error, "solver_stalls": stalled})
+        summary = summarize_fixed(
+            store,
+            ["k1", "k2", "k3"],
+            model="m",
+            indices=[0, 1],
+            clean_correct=[True, True],
+            norm="linf",
+            epsilon=0.1,
+        )
+    assert summary.broken_by == ["linf-brendel-bethge", None]
+    assert fixed_result_flags(summary) == [
+        "linf-pgd raised on some batches (counted as not broken): TypeError: no gradient",
+        "linf-brendel-bethge: solver did not return [batch positions [1]]",
+    ]
 
 
 def test_a_model_has_one_writer_at_a_time(tmp_path: Path) -> None:

@@ -221,8 +221,7 @@ def _footer(runs: Sequence[RunResult]) -> list[str]:
 def _flags(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[str]:
     lines: list[str] = []
     for _, summary in pairs:
-        flags = summary.flags if isinstance(summary, ModelSummary) else []
-        lines.extend(f"{summary.model}: {flag}" for flag in flags)
+        lines.extend(f"{summary.model}: {flag}" for flag in summary.flags)
     return lines
 
 
@@ -276,7 +275,7 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
                 "broken_by": {a: summary.broken_by.count(a) for a in summary.seconds_by_attack},
                 "seconds": summary.seconds_by_attack,
                 **_merged_json(run, summary, pairs),
-                "flags": [],
+                "flags": list(summary.flags),
                 "run": str(run.directory),
             }
     return {

@@ -28,7 +28,7 @@ from advdefense.errors import InputError, UserError
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import plan_minimal_keys, run_fixed, run_minimal
-from advdefense.evaluation.sanity import model_flags, result_flags
+from advdefense.evaluation.sanity import fixed_result_flags, model_flags, result_flags
 from advdefense.evaluation.store import RECORDS_FILE, ResultStore, model_fingerprint
 from advdefense.evaluation.summary import (
     FixedSummary,
@@ -391,7 +391,7 @@ def _summarize_model(
     """One model's summary from its ``run.json`` entry and the records (UserError if missing)."""
     if config.mode == "fixed":
         assert config.norm is not None and config.epsilon is not None
-        return summarize_fixed(
+        fixed = summarize_fixed(
             store,
             entry["keys"],
             model=name,
@@ -401,6 +401,8 @@ def _summarize_model(
             epsilon=config.epsilon,
             fingerprint=entry.get("fingerprint", ""),
         )
+        fixed.flags.extend([*entry["flags"], *fixed_result_flags(fixed)])
+        return fixed
     if not entry.get("complete", True) and not partial:
         raise UserError(
             f"the evaluation of {name} in {run_dir} has not finished; rerun its command "

@@ -17,7 +17,7 @@ from torch import nn
 from advdefense.attacks.catalog import ATTACKS, CONVERGENCE_FACTOR, AttackEntry
 from advdefense.attacks.norms import Norm
 from advdefense.declaration import declaration_of
-from advdefense.evaluation.summary import AttackResult, ModelSummary, broken_at
+from advdefense.evaluation.summary import AttackResult, FixedSummary, ModelSummary, broken_at
 from advdefense.modes import device_of, evaluation_mode
 
 __all__ = ["model_flags", "result_flags"]
@@ -78,6 +78,27 @@ def _input_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
     return torch.zeros_like(inputs) if gradient is None else gradient
 
 
+def _failure_flags(attack_id: str, errors: Sequence[str], stalls: Sequence[str]) -> list[str]:
+    """Batches an attack raised on, and samples whose solver it abandoned."""
+    return [
+        *(f"{attack_id} raised on some batches (counted as not broken): {e}" for e in errors),
+        *(f"{attack_id}: {stalled}" for stalled in stalls),
+    ]
+
+
+def fixed_result_flags(summary: FixedSummary) -> list[str]:
+    """Checks on a fixed-mode evaluation's records."""
+    return [
+        flag
+        for attack_id in summary.seconds_by_attack
+        for flag in _failure_flags(
+            attack_id,
+            summary.errors.get(attack_id, ()),
+            summary.solver_stalls.get(attack_id, ()),
+        )
+    ]
+
+
 def result_flags(summary: ModelSummary) -> list[str]:
     """Checks on the evaluation's results."""
     flags = []
@@ -87,12 +108,7 @@ def result_flags(summary: ModelSummary) -> list[str]:
             "every number, including the worst case)"
         )
     for attack in summary.attacks.values():
-        for error in attack.errors:
-            flags.append(
-                f"{attack.attack_id} raised on some batches (counted as not broken): {error}"
-            )
-        for stalled in attack.solver_stalls:
-            flags.append(f"{attack.attack_id}: {stalled}")
+        flags.extend(_failure_flags(attack.attack_id, attack.errors, attack.solver_stalls))
         zero = float((attack.distances > 0).mean()) if attack.distances.size else math.nan
         if not math.isclose(zero, summary.clean_accuracy, abs_tol=1e-9):
             flags.append(

@@ -134,6 +134,9 @@ class FixedSummary:
     broken_by: list[str | None]  # per sample: "clean" (misclassified), an attack id, or None
     seconds_by_attack: dict[str, float]
     fingerprint: str = ""  # the model's weights (run.json), so runs of one model can be merged
+    errors: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attack id -> errors
+    solver_stalls: dict[str, tuple[str, ...]] = field(default_factory=dict)  # attack id -> notes
+    flags: list[str] = field(default_factory=list)  # filled by the run (sanity checks)
 
     @property
     def robust_accuracy(self) -> float:
@@ -271,12 +274,29 @@ def summarize_fixed(
     position = {index: p for p, index in enumerate(indices)}
     broken_by: list[str | None] = [None if ok else "clean" for ok in clean_correct]
     seconds: dict[str, float] = {}
+    errors: dict[str, dict[str, None]] = {}
+    stalls: dict[str, dict[str, None]] = {}
     for key in keys:
         record = _record(store, key)
         seconds[record["attack"]] = seconds.get(record["attack"], 0.0) + record["seconds"]
+        if record.get("error"):
+            errors.setdefault(record["attack"], {})[record["error"]] = None
+        if record.get("solver_stalls"):
+            stalls.setdefault(record["attack"], {})[record["solver_stalls"]] = None
         for index, broken in zip(record["indices"], record["broken"], strict=True):
             if broken and broken_by[position[index]] is None:
                 broken_by[position[index]] = record["attack"]
     n = len(indices)
     clean = sum(clean_correct) / n if n else math.nan
-    return FixedSummary(model, norm, epsilon, n, clean, broken_by, seconds, fingerprint)
+    return FixedSummary(
+        model,
+        norm,
+        epsilon,
+        n,
+        clean,
+        broken_by,
+        seconds,
+        fingerprint,
+        {attack: tuple(found) for attack, found in errors.items()},
+        {attack: tuple(found) for attack, found in stalls.items()},
+    )
