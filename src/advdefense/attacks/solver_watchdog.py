@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import multiprocessing
+import pickle
 import warnings
 from collections.abc import Iterator, Sequence
 from multiprocessing.connection import Connection
@@ -80,24 +81,36 @@ def _serve(solver: Solver, connection: Connection) -> None:
 
 
 def _compile_in_this_process(solver: Solver, x0: np.ndarray, *request: Any) -> None:
-    """Solve a two-pixel problem with the argument types of a real request, in this process.
+    """Solve a two-pixel problem with the argument types the worker gets, in this process.
 
-    Numba compiles a solver on its first call (half a minute to a minute per norm here), and a
-    forked worker inherits what the parent compiled: without this, every fresh worker would
-    compile again, on the clock of its first request.
+    Numba compiles a solver on its first call for the argument types it gets (dtype, layout,
+    whether an array is read-only), half a minute to a minute per norm here, and a forked
+    worker inherits what the parent compiled: without this, every fresh worker would compile
+    again, on the clock of its first request. The worker receives the request through a pipe,
+    pickled: Foolbox's read-only views arrive as writable arrays, so the types are taken after
+    the same round trip.
     """
-    x, b, min_, max_, c, r = request
+    x0, x, b, min_, max_, c, r = pickle.loads(pickle.dumps((x0, *request)))
     span = max_ - min_
-    middle = np.full(2, min_ + span / 2, dtype=x0.dtype)
+    middle = min_ + span / 2
     solver.solve(
-        middle,
-        (middle + np.array([0.2, 0.1]) * span).astype(x.dtype),
-        np.ones(2, dtype=b.dtype),
+        _like(x0, [middle, middle]),
+        _like(x, [middle + 0.2 * span, middle + 0.1 * span]),
+        _like(b, [1.0, 1.0]),
         min_,
         max_,
         type(c)(-0.1 * span),
         type(r)(0.5 * span),
     )
+
+
+def _like(template: np.ndarray, values: list[float]) -> np.ndarray:
+    """``values`` as an array Numba types like ``template``: dtype, layout, writability."""
+    array = np.array(values, dtype=template.dtype)
+    if not template.flags.c_contiguous:
+        array = np.repeat(array, 2)[::2]
+    array.setflags(write=template.flags.writeable)
+    return array
 
 
 def _key(original: np.ndarray) -> bytes:
