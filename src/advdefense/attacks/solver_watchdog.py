@@ -87,30 +87,21 @@ def _compile_in_this_process(solver: Solver, x0: np.ndarray, *request: Any) -> N
     whether an array is read-only), half a minute to a minute per norm here, and a forked
     worker inherits what the parent compiled: without this, every fresh worker would compile
     again, on the clock of its first request. The worker receives the request through a pipe,
-    pickled: Foolbox's read-only views arrive as writable arrays, so the types are taken after
-    the same round trip.
+    pickled: Foolbox's read-only views arrive as writable, contiguous arrays, so the types are
+    taken after the same round trip (and fresh arrays of those dtypes match them).
     """
     x0, x, b, min_, max_, c, r = pickle.loads(pickle.dumps((x0, *request)))
     span = max_ - min_
     middle = min_ + span / 2
     solver.solve(
-        _like(x0, [middle, middle]),
-        _like(x, [middle + 0.2 * span, middle + 0.1 * span]),
-        _like(b, [1.0, 1.0]),
+        np.array([middle, middle], dtype=x0.dtype),
+        np.array([middle + 0.2 * span, middle + 0.1 * span], dtype=x.dtype),
+        np.ones(2, dtype=b.dtype),
         min_,
         max_,
         type(c)(-0.1 * span),
         type(r)(0.5 * span),
     )
-
-
-def _like(template: np.ndarray, values: list[float]) -> np.ndarray:
-    """``values`` as an array Numba types like ``template``: dtype, layout, writability."""
-    array = np.array(values, dtype=template.dtype)
-    if not template.flags.c_contiguous:
-        array = np.repeat(array, 2)[::2]
-    array.setflags(write=template.flags.writeable)
-    return array
 
 
 def _key(original: np.ndarray) -> bytes:
