@@ -292,24 +292,36 @@ def _model(
 
 
 def _tell_if_runs_name_other_weights(directory: Path, name: str, fingerprint: str) -> None:
-    """Say so when the runs under ``directory`` evaluated other weights under ``name`` (a
-    retrain on another machine): their stages run again, and the tables mark them stale."""
+    """Say so when the runs under ``directory`` evaluated other weights under ``name``: their
+    stages run again, and the tables mark them stale. When other runs name these very weights,
+    the retrain repeated theirs and only the older runs are stale (an archived run at an
+    earlier n, say); otherwise the machine differs from the first training's."""
     earlier: dict[str, str] = {}
+    same: list[str] = []
     for run_file in sorted((directory / "runs").glob("*/run.json")):
         try:
             entry = json.loads(run_file.read_text())["models"].get(name) or {}
         except (OSError, json.JSONDecodeError, KeyError, AttributeError):
             continue
-        if entry.get("fingerprint") not in (None, "", fingerprint):
+        if entry.get("fingerprint") == fingerprint:
+            same.append(run_file.parent.name)
+        elif entry.get("fingerprint") not in (None, ""):
             earlier[run_file.parent.name] = entry["fingerprint"][:8] + "…"
-    if earlier:
+    if not earlier:
+        return
+    older = f"({', '.join(sorted(set(earlier.values())))} in {', '.join(earlier)})"
+    if same:
         print(
-            f"{name}: its new weights ({fingerprint[:8]}…) are not the ones its runs name "
-            f"({', '.join(sorted(set(earlier.values())))} in {', '.join(earlier)}): those "
-            "stages run again and the tables mark the old results stale. A retrain gives the "
-            "same weights only with the torch thread count and CPU kernels of the first one "
-            "(OMP_NUM_THREADS, ATEN_CPU_CAPABILITY: see the README)"
+            f"{name}: retrained bit for bit ({fingerprint[:8]}…, the weights {', '.join(same)} "
+            f"name); older weights {older} stay marked stale until those stages run again"
         )
+        return
+    print(
+        f"{name}: its new weights ({fingerprint[:8]}…) are not the ones its runs name {older}: "
+        "those stages run again and the tables mark the old results stale. A retrain gives the "
+        "same weights only with the torch thread count and CPU kernels of the first one "
+        "(OMP_NUM_THREADS, ATEN_CPU_CAPABILITY: see the README)"
+    )
 
 
 def _continues(name: str, path: Path, settings: dict[str, Any]) -> bool:

@@ -333,9 +333,20 @@ def test_a_retrain_into_other_weights_is_announced(
         (tmp_path / "runs" / run / "run.json").write_text(json.dumps(run_file))
     recipe._model("cnn", "fashion-mnist", tmp_path / "models", data, data, torch.device("cpu"), 0)
     printed = capsys.readouterr().out
-    assert "not the ones its runs name (01234567… in quick)" in printed
-    (tmp_path / "runs" / "quick" / "run.json").write_text(
-        json.dumps({"models": {"cnn": {"fingerprint": fingerprint}}})
+    assert f"cnn: retrained bit for bit ({fingerprint[:8]}…, the weights dim42 name)" in printed
+    assert "older weights (01234567… in quick) stay marked stale" in printed
+    (tmp_path / "runs" / "dim42" / "run.json").write_text(
+        json.dumps({"models": {"cnn": {"fingerprint": "fedcba9876543210"}}})
     )
     recipe._model("cnn", "fashion-mnist", tmp_path / "models", data, data, torch.device("cpu"), 0)
-    assert "not the ones" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "not the ones its runs name (01234567…, fedcba98… in dim42, quick)" in printed
+    assert "OMP_NUM_THREADS" in printed
+    for run in ("quick", "dim42"):
+        (tmp_path / "runs" / run / "run.json").write_text(
+            json.dumps({"models": {"cnn": {"fingerprint": fingerprint}}})
+        )
+    recipe._model("cnn", "fashion-mnist", tmp_path / "models", data, data, torch.device("cpu"), 0)
+    printed = capsys.readouterr().out
+    assert "cnn: test accuracy" in printed
+    assert "bit for bit" not in printed and "not the ones" not in printed
