@@ -628,6 +628,47 @@ def test_fixed_mode_flags_attack_errors_and_solver_stalls(tmp_path: Path) -> Non
     ]
 
 
+@pytest.mark.parametrize(
+    ("attacks", "long_breaks", "flagged"),
+    [
+        (("linf-pgd", "linf-pgd-long"), 2, True),
+        (("linf-pgd", "linf-pgd-long"), 1, False),  # within max(1, 1% of n)
+        (("linf-pgd-long", "linf-pgd"), 2, False),  # the long run did not follow the short one
+    ],
+)
+def test_fixed_mode_flags_an_unconverged_pgd(
+    tmp_path: Path, attacks: tuple[str, str], long_breaks: int, flagged: bool
+) -> None:
+    """In fixed mode the long rerun attacks what the shorter one left robust: every sample it
+    breaks counts against convergence (DESIGN.md §3.5)."""
+    from advdefense.evaluation.sanity import fixed_result_flags
+    from advdefense.evaluation.summary import summarize_fixed
+
+    breaks = {"linf-pgd": [0, 1, 2], "linf-pgd-long": list(range(3, 3 + long_breaks))}
+    with ResultStore(tmp_path) as store:
+        for attack in attacks:
+            broken = [index in breaks[attack] for index in range(10)]
+            store.append(
+                {"key": attack, "attack": attack, "seconds": 1.0, "indices": list(range(10))}
+                | {"broken": broken}
+            )
+        summary = summarize_fixed(
+            store,
+            list(attacks),
+            model="m",
+            indices=list(range(10)),
+            clean_correct=[True] * 10,
+            norm="linf",
+            epsilon=0.3,
+        )
+    expected = (
+        "linf-pgd has not converged: linf-pgd-long (5x the steps, 5 restarts) breaks 2 more of "
+        "10 samples within the threshold; the worst case counts both, but give the other "
+        "iterative attacks more steps too"
+    )
+    assert fixed_result_flags(summary) == ([expected] if flagged else [])
+
+
 def test_a_model_has_one_writer_at_a_time(tmp_path: Path) -> None:
     """Two stores may write one directory, each for models of its own; a model claimed by one
     is refused to the other until the first closes."""

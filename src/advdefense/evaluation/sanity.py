@@ -88,7 +88,7 @@ def _failure_flags(attack_id: str, errors: Sequence[str], stalls: Sequence[str])
 
 def fixed_result_flags(summary: FixedSummary) -> list[str]:
     """Checks on a fixed-mode evaluation's records."""
-    return [
+    failures = [
         flag
         for attack_id in summary.seconds_by_attack
         for flag in _failure_flags(
@@ -97,6 +97,24 @@ def fixed_result_flags(summary: FixedSummary) -> list[str]:
             summary.solver_stalls.get(attack_id, ()),
         )
     ]
+    return [*failures, *_fixed_convergence_flags(summary)]
+
+
+def _fixed_convergence_flags(summary: FixedSummary) -> list[str]:
+    """§3.5 in fixed mode: a ``*-pgd-long`` entry run after the attack it reruns attacks only
+    the samples that one (and any before it) left robust, so each sample it breaks is one
+    more than the shorter run broke."""
+    order = list(summary.seconds_by_attack)  # the run's attack order
+    flags = []
+    for position, attack_id in enumerate(order):
+        entry = ATTACKS.get(attack_id)
+        shorter = entry.checks_convergence_of if entry is not None else None
+        if shorter is None or shorter not in order[:position]:
+            continue
+        extra = summary.broken_by.count(attack_id)
+        if extra > _tolerance(summary):
+            flags.append(_not_converged(shorter, attack_id, extra, summary.n))
+    return flags
 
 
 def result_flags(summary: ModelSummary) -> list[str]:
@@ -141,7 +159,7 @@ def result_flags(summary: ModelSummary) -> list[str]:
     return flags
 
 
-def _tolerance(summary: ModelSummary) -> float:
+def _tolerance(summary: ModelSummary | FixedSummary) -> float:
     """Samples by which two attacks (or grid points) may differ by chance: max(1, 1% of n)."""
     return max(1.0, SUCCESS_DROP_TOLERANCE * summary.n)
 
@@ -157,13 +175,17 @@ def _convergence_flags(summary: ModelSummary) -> list[str]:
         shorter = summary.attacks[entry.checks_convergence_of]
         extra = _broken(result) - _broken(shorter)
         if extra > _tolerance(summary):
-            flags.append(
-                f"{shorter.attack_id} has not converged: {result.attack_id} "
-                f"({CONVERGENCE_FACTOR}x the steps, {CONVERGENCE_FACTOR} restarts) breaks {extra} "
-                f"more of {summary.n} samples within the threshold; the worst case counts both, "
-                "but give the other iterative attacks more steps too"
-            )
+            flags.append(_not_converged(shorter.attack_id, result.attack_id, extra, summary.n))
     return flags
+
+
+def _not_converged(shorter: str, longer: str, extra: int, n: int) -> str:
+    return (
+        f"{shorter} has not converged: {longer} ({CONVERGENCE_FACTOR}x the steps, "
+        f"{CONVERGENCE_FACTOR} restarts) breaks {extra} more of {n} samples within the "
+        "threshold; the worst case counts both, but give the other iterative attacks more "
+        "steps too"
+    )
 
 
 def _ordering_flags(summary: ModelSummary) -> list[str]:
