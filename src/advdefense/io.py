@@ -12,16 +12,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from advdefense.atomic_files import save_tensors_atomically, write_atomically
 from advdefense.errors import CheckpointError
 from advdefense.provenance import provenance
 from advdefense.registry import architecture_name, get_architecture
@@ -65,9 +65,9 @@ def save(
         "metrics": dict(metrics or {}),
         "provenance": provenance(),
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: save_file(state, str(tmp)))
+    save_tensors_atomically(directory / WEIGHTS_FILE, state)
     text = json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n"
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: tmp.write_text(text))
+    write_atomically(directory / CONFIG_FILE, lambda temporary: temporary.write_text(text))
     return directory
 
 
@@ -184,24 +184,6 @@ def _check_state_matches(
             f"{weights_path} does not match the architecture in {CONFIG_FILE} "
             f"({'; '.join(problems)}); the two files come from different models"
         )
-
-
-def _atomic_write(destination: Path, write: Any) -> None:
-    handle, name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
-    os.close(handle)
-    temporary = Path(name)
-    try:
-        write(temporary)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp's 0600 would hide shared models
-        os.replace(temporary, destination)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def _json_default(value: object) -> object:

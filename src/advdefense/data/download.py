@@ -28,6 +28,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from advdefense.atomic_files import ordinary_permissions
 from advdefense.data.paths import DATA_ENV_VAR, DEBIAN_DIRS
 from advdefense.data.specs import DatasetSpec, RemoteFile
 from advdefense.errors import CorruptFileError, DatasetNotFoundError, UserError
@@ -58,12 +59,6 @@ class DownloadError(DatasetNotFoundError):
         self.url = url
         self.reason = reason
         self.unreachable = unreachable
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def _host(url: str) -> str:
@@ -103,7 +98,7 @@ def download_file(
     try:
         with tmp:
             _stream(url, tmp, md5, dest, progress=progress, timeout=timeout)
-        os.chmod(tmp_path, 0o666 & ~_umask())  # temp files are private; give normal permissions
+        os.chmod(tmp_path, ordinary_permissions())  # temp files are private
         os.replace(tmp_path, dest)
     finally:
         tmp_path.unlink(missing_ok=True)

@@ -30,9 +30,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from advdefense.atomic_files import save_tensors_atomically
 from advdefense.errors import UserError
 
 __all__ = ["ResultStore", "model_fingerprint", "record_key"]
@@ -161,9 +162,7 @@ class ResultStore:
         if adversarials is not None:
             name = f"{key}.safetensors"
             target = self.directory / ADVERSARIALS_DIR / name
-            temporary = target.with_suffix(".tmp")
-            save_file({"adversarials": adversarials.detach().cpu().contiguous()}, str(temporary))
-            os.replace(temporary, target)
+            save_tensors_atomically(target, {"adversarials": adversarials})
             stored["adversarials_file"] = f"{ADVERSARIALS_DIR}/{name}"
         line = (json.dumps(stored, sort_keys=True, allow_nan=True) + "\n").encode()
         with self.exclusive(), self.path.open("ab") as handle:
@@ -183,13 +182,8 @@ class ResultStore:
             raise UserError(f"the store in {self.directory} was opened read-only")
         target = self._part_path(key, part)
         target.parent.mkdir(parents=True, exist_ok=True)
-        temporary = target.with_suffix(".tmp")
-        save_file(
-            {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()},
-            str(temporary),
-            metadata={"part": part, "info": json.dumps(info, sort_keys=True, allow_nan=True)},
-        )
-        os.replace(temporary, target)
+        info_text = json.dumps(info, sort_keys=True, allow_nan=True)
+        save_tensors_atomically(target, tensors, {"part": part, "info": info_text})
 
     def part(self, key: str, part: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         """The tensors and info :meth:`save_part` kept for ``part`` of record ``key``, if any."""

@@ -20,17 +20,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from advdefense.atomic_files import save_tensors_atomically
 from advdefense.errors import CheckpointError, UserError
 from advdefense.modes import device_of
 
@@ -129,14 +127,7 @@ class EpochCheckpoint:
         }
         metadata = {"advdefense_training_state": json.dumps(header, sort_keys=True)}
         self.directory.mkdir(parents=True, exist_ok=True)
-        handle, name = tempfile.mkstemp(dir=self.directory, prefix=f".{STATE_FILE}.")
-        os.close(handle)
-        temporary = Path(name)
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            os.replace(temporary, self.path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        save_tensors_atomically(self.path, tensors, metadata)
 
     def restore(
         self,
