@@ -82,7 +82,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -96,6 +95,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import advdefense
+from advdefense.atomic_files import write_atomically
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.detector_aware import CarliniWagnerDetectorAttack, OrthogonalPGD
 from advdefense.attacks.jsma import random_targets
@@ -1216,9 +1216,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
     """Write ``payload`` atomically (a rename), so an interrupted run leaves the old file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=1, allow_nan=True) + "\n")
-    os.replace(temporary, path)
+    text = json.dumps(payload, indent=1, allow_nan=True) + "\n"
+    write_atomically(path, lambda temporary: temporary.write_text(text))
 
 
 # ---- tables and figures (from the files in the dataset's directory only) ----

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from advdefense.atomic_files import write_atomically
 from advdefense.attacks.norms import NORM_ALIASES, Norm
 from advdefense.attacks.suites import AttackSuite
 from advdefense.defenses.detector import Detector
@@ -295,7 +296,8 @@ def archive_before_resize(directory: str | os.PathLike[str], config: RunConfig) 
     if (run_dir / RECORDS_FILE).is_file():  # append-only, so a superset of the archive's
         shutil.copyfile(run_dir / RECORDS_FILE, archive / RECORDS_FILE)
     payload = {**payload, "models": models}
-    (archive / RUN_FILE).write_text(json.dumps(payload, indent=1) + "\n")
+    text = json.dumps(payload, indent=1) + "\n"
+    write_atomically(archive / RUN_FILE, lambda temporary: temporary.write_text(text))
     return archive
 
 
@@ -339,9 +341,8 @@ def _write_run_entry(store: ResultStore, config: RunConfig, name: str, entry: An
 
 def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) -> None:
     payload = {"config": asdict(config), "models": models, "provenance": provenance()}
-    temporary = run_dir / f".{RUN_FILE}.tmp"
-    temporary.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(temporary, run_dir / RUN_FILE)
+    text = json.dumps(payload, indent=1) + "\n"
+    write_atomically(run_dir / RUN_FILE, lambda temporary: temporary.write_text(text))
 
 
 def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> RunResult:
