@@ -533,7 +533,8 @@ def render_true_robustness(setting: Setting) -> str:
         "samples once dim42 has run): the true robustness next to the paper-protocol number. "
         "`*`: a stage is missing, stale or still has attacks pending. (stale): that stage ran "
         "on other weights of the model than its quick stage (the model was retrained since); "
-        "it is left out of the worst case until it runs again."
+        "it is left out of the worst case until it runs again. Each stage's sanity flags "
+        "(DESIGN.md §3.5) are in its run's report.md under runs/."
     )
     return "\n".join(lines) + "\n"
 
