@@ -365,8 +365,15 @@ def _evaluate(setting: Setting, run: str, config: RunConfig, name: str, model: n
     if archive is not None:  # the models not yet rerun at this n stay in the tables
         print(f"{run_dir} moves to n = {config.n}; its models at the old n: {archive}")
         write_reports(load_run(archive, partial=True))
-    evaluate_models(
-        {name: model}, images, labels, suite, config, run_dir, progress=setting.progress
+    evaluate_models(  # a new suite version or n starts the run file afresh (records stay)
+        {name: model},
+        images,
+        labels,
+        suite,
+        config,
+        run_dir,
+        progress=setting.progress,
+        replace=True,
     )
     write_reports(load_run(run_dir, partial=True))
 

@@ -693,6 +693,7 @@ def _graybox(setting: Setting, name: str, defended: Defended, runs: Sequence[Gra
             run_dir,
             detectors={name: defended.kde},
             progress=setting.progress,
+            replace=True,  # a new suite version starts the run file afresh (records stay)
         )
         after = _read_json(run_dir / "run.json").get("models", {}).get(name)
         mahalanobis = _read_json(run_dir / "mahalanobis.json")

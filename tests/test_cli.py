@@ -68,7 +68,17 @@ def test_user_errors_exit_2_with_one_line(
         ("report", str(tmp_path / "no-run")),
         ("reproduce", "no-such-recipe", "--recipes", str(tmp_path)),
         ("evaluate", "--model", str(tmp_path), "--mode", "fixed", "--out", str(tmp_path / "r")),
+        ("evaluate", "--model", str(tmp_path), "--n", "0", "--out", str(tmp_path / "r")),
     ]
+    train = ("train", "cnn", "--dataset", "mnist-sample", "--epochs", "1", "--out", str(tmp_path))
+    for flags, problem in [
+        (("--batch-size", "0"), "batch_size (--batch-size) must be a positive integer"),
+        (("--lr", "0"), "learning_rate (--lr) must be finite and positive"),
+        (("--n-train", "-3990"), "--n-train must be a positive integer"),
+    ]:
+        code, _, err = _run(capsys, *train, *flags)
+        assert code == 2 and problem in err, err
+        assert not (tmp_path / "config.json").exists()
     for argv in cases:
         code, _, err = _run(capsys, *argv)
         assert code == 2, argv
@@ -225,6 +235,20 @@ def test_train_evaluate_report_round_trip(
     code, _, err = _run(capsys, *evaluate, "--detector", str(model_dir), "--out", str(run_dir))
     assert code == 2 and "holds a AbsCNN, not a Detector" in err
 
+    # refused commands leave the run as it was
+    run_file = (run_dir / "run.json").read_text()
+    for flags, problem in [
+        (("--threshold", "L2=-1"), "the threshold must be finite and positive"),
+        (("--batch-size", "0"), "batch_size (--batch-size) must be a positive integer"),
+        (("--indices", str(tmp_path / "missing.txt")), "missing.txt: cannot read it"),
+        (("--seed", "5"), "under another configuration (seed 0 -> 5)"),
+        (("--split", "train"), "under another configuration (split 'test' -> 'train')"),
+        (("--split", "train", "--replace"), "holds records computed on other samples"),
+    ]:
+        code, _, err = _run(capsys, *evaluate, *flags, "--out", str(run_dir), "--quiet")
+        assert code == 2 and problem in err, err
+        assert (run_dir / "run.json").read_text() == run_file
+
 
 PDM_WEIGHTS = ["--arch", "resnet8", "--classification-weight", "2", "--siamese-weight", "0.1"]
 
@@ -268,6 +292,16 @@ def test_train_other_architectures(
     assert {key: config["training"][key] for key in recorded} == recorded
     model = advdefense.load(tmp_path / "m")
     assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_pdm_family_model_has_every_class_of_its_dataset(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Three training images hold fewer than ten labels; the model still has ten outputs."""
+    argv = ["train", "ce", *PDM_WEIGHTS[:2], "--dataset", "mnist-sample", "--epochs", "1"]
+    code, _, err = _run(capsys, *argv, "--n-train", "3", "--out", str(tmp_path), "--quiet")
+    assert code == 0, err
+    assert advdefense.load(tmp_path)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_reproduce_lists_and_runs_a_recipe(

@@ -28,6 +28,7 @@ from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.suites import AttackSuite
 from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
+from advdefense.evaluation import runner
 from advdefense.evaluation.detection import robust_under_rejection
 from advdefense.evaluation.metrics import wilson_interval
 from advdefense.evaluation.report import plot_accuracy_curves, render, report_json, write_reports
@@ -589,8 +590,14 @@ def test_fixed_report_merges_runs_of_one_model_per_sample(tmp_path: Path) -> Non
     )
     # Samples 0, 1 and 2 fall in one run or the other: 37 of 40 robust in both.
     assert row.split(" | ")[1:] == ["92.5% [80.1, 97.4]", "92.5% [80.1, 97.4]", "— |"]
-    merged = report_json([pgd, longer])["models"]["m"]
+    # one model in two runs: a column (and a JSON entry) each, named by run
+    models = report_json([pgd, longer])["models"]
+    assert sorted(models) == ["m (long)", "m (pgd)"]
+    merged = models["m (pgd)"]
     assert merged["robust_accuracy_over_runs"] == 37 / 40 and merged["runs_merged"] == 2
+    assert models["m (long)"]["robust_accuracy"] == 38 / 40
+    header = render([pgd, longer], "md").splitlines()[0]
+    assert header == "|  | m (pgd) | m (long) |"
     assert "robust against every run" not in render([pgd, other_weights], "md")
     # A wrapper without weights of its own (biCNN) shares its model's fingerprint: not merged.
     wrapper = run("wrapper", {5: "linf-pgd"}, "f1")
@@ -623,7 +630,8 @@ def test_fixed_mode_flags_attack_errors_and_solver_stalls(tmp_path: Path) -> Non
         )
     assert summary.broken_by == ["linf-brendel-bethge", None]
     assert fixed_result_flags(summary) == [
-        "linf-pgd raised on some batches (counted as not broken): TypeError: no gradient",
+        "linf-pgd raised on some batches (counted as not broken; rerunning the command retries "
+        "a batch it raised on everywhere): TypeError: no gradient",
         "linf-brendel-bethge: solver did not return [batch positions [1]]",
     ]
 
@@ -813,6 +821,7 @@ def test_a_run_moved_to_another_n_keeps_its_models_in_an_archive(tmp_path: Path)
             config,
             run_dir,
             progress=False,
+            replace=True,  # as the recipes do once archive_before_resize kept the old run
         )
         return len(records.read_text().splitlines()) - before
 
@@ -914,6 +923,12 @@ def test_detection_in_a_run(tmp_path: Path) -> None:
     assert robust == pytest.approx(float(expected.float().mean()))
     document = report_json([run])["models"]["bright"]["detection"]
     assert document["l2-deepfool"]["auc"] == deepfool.auc
+    assert document["l2-deepfool"]["robust_accuracy_at_threshold"] == robust
+    rejected = document["l2-deepfool"]["clean_false_rejection_rate"]
+    assert rejected == document["fgsm"]["clean_false_rejection_rate"] and 0 < rejected < 1
+    markdown = render([run], "md")
+    assert f"robust with rejection {100 * robust:.1f}%" in markdown
+    assert f"| clean false rejections at the threshold | {100 * rejected:.1f}% |" in markdown
     assert "Detection (gray-box" in render([run], "md")
     files = write_reports(run)
     assert files["roc-bright"].read_bytes()[:4] == b"\x89PNG"
@@ -1229,3 +1244,140 @@ def test_markdown_helpers() -> None:
     assert percent_with_interval(0, 0) == "—"
     assert percent_with_interval(0, 200) == "0.0 [0, 2]"  # Wilson: [0, 1.88%]
     assert percent_with_interval(90, 200) == "45.0 [38, 52]"
+
+
+# A run directory never hands back results computed on something else, and a refused or failed
+# command loses nothing: other samples, other configurations, a newly given detector, an attack
+# that crashed.
+
+
+def _evaluate_into(
+    run_dir: Path, images: torch.Tensor, labels: torch.Tensor, **options: Any
+) -> Any:
+    config = options.pop("config", _config())
+    return evaluate_models(
+        {"bright": Brightness().eval()},
+        images,
+        labels,
+        DETERMINISTIC,
+        config,
+        run_dir,
+        progress=False,
+        **options,
+    )
+
+
+def test_records_are_not_reused_for_other_samples(tmp_path: Path) -> None:
+    images, labels = _data()
+    _evaluate_into(tmp_path, images, labels)
+    records = (tmp_path / "records.jsonl").read_bytes()
+    other = images.flip(0)  # same indices, other images: another split, say
+    with pytest.raises(UserError, match="holds records computed on other samples: sample 0"):
+        _evaluate_into(tmp_path, other, labels, replace=True)
+    assert (tmp_path / "records.jsonl").read_bytes() == records
+    # the same samples again: every record is reused
+    _evaluate_into(tmp_path, images, labels)
+    assert (tmp_path / "records.jsonl").read_bytes() == records
+
+
+def test_a_store_without_digests_adopts_the_first_samples_it_is_checked_against(
+    tmp_path: Path,
+) -> None:
+    images, labels = _data()
+    with ResultStore(tmp_path) as store:
+        store.check_samples(range(40), images, labels)
+        digests = json.loads((tmp_path / "samples.json").read_text())["digests"]
+        assert sorted(digests, key=int) == [str(i) for i in range(40)]
+        store.check_samples(range(40, 45), images[:5], labels[:5])  # new indices join
+        with pytest.raises(UserError, match="sample 1 "):
+            relabelled = labels[:2].clone()
+            relabelled[1] = 1 - relabelled[1]
+            store.check_samples([0, 1], images[:2], relabelled)
+
+
+def test_a_refused_command_leaves_the_run_file_alone(tmp_path: Path) -> None:
+    images, labels = _data()
+    _evaluate_into(tmp_path, images, labels)
+    run_file = (tmp_path / "run.json").read_text()
+    fixed_l0 = _config("fixed", norm="l0", epsilon=12.0)  # the suite has no L0 attack
+    with pytest.raises(InputError, match="has no l0 attack"):
+        _evaluate_into(tmp_path, images, labels, config=fixed_l0, replace=True)
+    bad_threshold = dataclasses.replace(_config(), thresholds={"linf": -1.0, "l2": 1.5})
+    with pytest.raises(InputError, match="finite and positive"):
+        _evaluate_into(tmp_path, images, labels, config=bad_threshold, replace=True)
+    with pytest.raises(InputError, match="batch_size"):
+        _evaluate_into(
+            tmp_path, images, labels, config=dataclasses.replace(_config(), batch_size=0)
+        )
+    assert (tmp_path / "run.json").read_text() == run_file
+
+
+def test_another_configuration_is_refused_unless_replacing(tmp_path: Path) -> None:
+    images, labels = _data()
+    _evaluate_into(tmp_path, images, labels)
+    seeded = dataclasses.replace(_config(), seed=1)
+    with pytest.raises(UserError, match=r"another configuration \(seed 0 -> 1\).*--replace"):
+        _evaluate_into(tmp_path, images, labels, config=seeded)
+    assert [s.model for s in load_run(tmp_path).summaries] == ["bright"]
+    assert load_run(tmp_path).config.seed == 0
+    _evaluate_into(tmp_path, images, labels, config=seeded, replace=True)
+    assert load_run(tmp_path).config.seed == 1
+
+
+def test_a_detector_given_after_a_run_without_one_is_evaluated(tmp_path: Path) -> None:
+    images, labels = _data()
+    _evaluate_into(tmp_path, images, labels)
+    assert load_run(tmp_path).summaries[0].detection == []  # type: ignore[union-attr]
+    detector = GrayDetector()
+    detector.calibrate(images, 0.05)
+    run = _evaluate_into(tmp_path, images, labels, detectors={"bright": detector})
+    detected = {d.attack_id for d in run.summaries[0].detection}
+    assert detected == {"fgsm", "l2-deepfool"}
+
+
+@pytest.mark.parametrize("mode", ["minimal", "fixed"])
+def test_an_attack_that_raised_everywhere_is_retried(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    images, labels = _data()
+    real_run_attack = runner.run_attack
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    config = _config() if mode == "minimal" else _config("fixed", norm="linf", epsilon=0.3)
+    monkeypatch.setattr(runner, "run_attack", out_of_memory)
+    crashed = _evaluate_into(tmp_path, images, labels, config=config).summaries[0]
+    assert any("out of memory" in flag and "retries" in flag for flag in crashed.flags)
+    monkeypatch.setattr(runner, "run_attack", real_run_attack)
+    retried = _evaluate_into(tmp_path, images, labels, config=config).summaries[0]
+    fresh = _evaluate_into(tmp_path / "fresh", images, labels, config=config).summaries[0]
+    assert not any("out of memory" in flag for flag in retried.flags)
+    if mode == "minimal":
+        assert retried.minimal_accuracy == fresh.minimal_accuracy < crashed.minimal_accuracy
+    else:
+        assert retried.broken_by == fresh.broken_by != crashed.broken_by
+
+
+def test_an_attack_skipped_for_want_of_a_score_view_is_final(tmp_path: Path) -> None:
+    images, labels = _data()
+    suite = dataclasses.replace(DETERMINISTIC, entries=(get_attack("linf-internal-all-targets"),))
+    with ResultStore(tmp_path) as store:
+        arguments = (Brightness().eval(), images, labels, suite, store)
+        options: dict[str, Any] = {"model_name": "m", "norm": "linf", "epsilon": 0.3}
+        (key,) = run_fixed(*arguments, **options, progress=False)
+        assert str(store.get(key)["error"]).startswith("skipped:")  # type: ignore[index]
+        assert runner.record_settled(store, key)
+
+
+def test_runs_side_by_side_show_each_columns_threshold(tmp_path: Path) -> None:
+    images, labels = _data()
+    at_01 = dataclasses.replace(_config(), thresholds={"linf": 0.1, "l2": 1.5})
+    runs = [
+        _evaluate_into(tmp_path / "a", images, labels),
+        _evaluate_into(tmp_path / "b", images, labels, config=at_01),
+    ]
+    markdown = render(runs, "md")
+    assert "**Linf attacks** (ε by column: 0.3 / 0.1)" in markdown
+    assert "**L2 attacks** (ε = 1.5)" in markdown
+    assert sorted(report_json(runs)["models"]) == ["bright (a)", "bright (b)"]

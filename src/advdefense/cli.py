@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import inspect
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -37,6 +38,7 @@ from advdefense.validation import check_positive_int
 __all__ = ["main"]
 
 RECIPES_ENV_HINT = "recipes/NAME.py in the current directory or --recipes DIR"
+DEFAULT_EVALUATION_SAMPLES = 1000
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,7 +183,9 @@ def _build_parser() -> argparse.ArgumentParser:
         "(accuracy at each norm's threshold, per-norm worst case, median distance). fixed mode: "
         "one norm and epsilon, attacks in order on the samples still robust. Results are "
         "appended to --out as they are computed; rerunning the same command skips finished "
-        "work. Writes report.md, report.json and accuracy_vs_epsilon.png to --out.",
+        "work; another configuration or other samples in that --out are refused (see "
+        "--replace). Writes report.md and report.json to --out, and in minimal mode "
+        "accuracy_vs_epsilon.png.",
     )
     evaluate.add_argument(
         "--model",
@@ -198,7 +202,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="dataset (default: the one the first model was trained on)",
     )
     evaluate.add_argument("--split", default="test", help="split to evaluate (default: test)")
-    evaluate.add_argument("--n", type=int, default=1000, help="number of samples (default 1000)")
+    evaluate.add_argument(
+        "--n", type=int, help="number of samples (default: 1000, or every one --indices lists)"
+    )
     evaluate.add_argument(
         "--indices",
         type=Path,
@@ -212,7 +218,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "--attacks",
         metavar="ID[,ID...]",
         help="run only these attacks of the suite, e.g. --suite quick --attacks linf-pgd "
-        "(records go under the name quick[linf-pgd], apart from the whole suite's)",
+        "(the suite is then named quick[linf-pgd]: a configuration of its own, so give it its "
+        "own --out or pass --replace)",
     )
     evaluate.add_argument(
         "--mode", default="minimal", choices=("minimal", "fixed"), help="minimal (default) or fixed"
@@ -241,6 +248,13 @@ def _build_parser() -> argparse.ArgumentParser:
         help="epsilons per fixed-epsilon attack in minimal mode (default: 8)",
     )
     evaluate.add_argument("--batch-size", type=int, default=100, help="attack batch size")
+    evaluate.add_argument(
+        "--replace",
+        action="store_true",
+        help="when --out holds models evaluated under another configuration (suite, samples, "
+        "mode, thresholds, seed), start its run file afresh for this one instead of refusing "
+        "(the records stay and are reused where they match)",
+    )
     evaluate.add_argument("--data-root", type=Path, help="a data directory searched first")
     _common(evaluate, out_default="runs/evaluate")
     evaluate.set_defaults(handler=_evaluate)
@@ -253,7 +267,11 @@ def _build_parser() -> argparse.ArgumentParser:
         "sanity flags and timings; optionally an accuracy-vs-epsilon plot.",
     )
     report.add_argument(
-        "runs", metavar="RUN", nargs="+", type=Path, help="run directories or results.json files"
+        "runs",
+        metavar="RUN",
+        nargs="+",
+        type=Path,
+        help="run directories (each holds the run.json that `evaluate --out` wrote)",
     )
     report.add_argument("--format", choices=FORMATS, default="md", help="output format")
     report.add_argument(
@@ -342,6 +360,9 @@ def _datasets(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
+    check_positive_int(args.epochs, "--epochs")
+    if args.n_train is not None:
+        check_positive_int(args.n_train, "--n-train")
     images, labels = load_dataset(args.dataset, "train", args.data_root)
     if args.n_train is not None:
         images, labels = images[: args.n_train], labels[: args.n_train]
@@ -361,8 +382,8 @@ def _train(args: argparse.Namespace) -> None:
         warmup_epochs=args.warmup_epochs,
         pgd=PGDConfig(epsilon=args.pgd_epsilon, steps=args.pgd_steps, step_size=args.pgd_step_size),
         checkpoint=EpochCheckpoint(Path(args.out)),
-    )
-    check_positive_int(args.epochs, "--epochs")
+        num_classes=DATASETS[args.dataset].num_classes,
+    ).resolved(args.architecture)  # bad --batch-size or --lr fail here, before any training
     assert options.checkpoint is not None
     if options.checkpoint.path.is_file():
         print(f"resuming the interrupted training saved in {options.checkpoint.path}")
@@ -398,6 +419,8 @@ def _parse_thresholds(values: Sequence[str], dataset: str, suite: AttackSuite) -
             thresholds[norm] = float(number)
         except ValueError:
             raise InputError(f"--threshold {value!r}: {number!r} is not a number") from None
+        if not math.isfinite(thresholds[norm]) or thresholds[norm] <= 0:
+            raise InputError(f"--threshold {value!r}: the threshold must be finite and positive")
     for norm in suite.norms():
         if norm not in thresholds:
             thresholds[norm] = default_threshold(dataset, norm)
@@ -417,7 +440,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     suite = get_suite(args.suite)
     if args.attacks is not None:
         suite = suite.restricted_to([name.strip() for name in args.attacks.split(",")])
-    check_positive_int(args.n, "--n")
+    if args.n is not None:
+        check_positive_int(args.n, "--n")
     if args.mode == "fixed" and (args.norm is None or args.eps is None):
         raise InputError("--mode fixed needs --norm and --eps, e.g. --norm L2 --eps 1.5")
     models = {
@@ -428,7 +452,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if dataset is None:
         raise UserError(f"{args.models[0]} records no dataset; pass --dataset")
     images, labels = load_dataset(dataset, args.split, args.data_root)
-    indices = first_indices(args.n, images.shape[0], args.indices)
+    default_n = 0 if args.indices is not None else DEFAULT_EVALUATION_SAMPLES  # 0: all listed
+    indices = first_indices(args.n or default_n, images.shape[0], args.indices)
     selection = torch.tensor(indices)
     config = RunConfig(
         dataset=dataset,
@@ -461,6 +486,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         args.out,
         detectors=detectors,
         progress=not args.quiet,
+        replace=args.replace,
     )
     files = write_reports(run)
     print(files["md"].read_text())

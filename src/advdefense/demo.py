@@ -119,6 +119,7 @@ def run_demo(options: DemoOptions) -> DemoResult:
         config,
         options.out / "run",
         progress=options.progress,
+        replace=True,  # the demo's own run: other options start it afresh
     )
     files = write_reports(run)
     seconds = time.perf_counter() - started

@@ -50,6 +50,7 @@ def default_threshold(dataset: str, norm: Norm) -> float:
     )
     if family is None or norm not in _THRESHOLDS[family]:
         raise InputError(
-            f"no default {norm} threshold for dataset {dataset!r}; pass an explicit epsilon"
+            f"no default {norm} threshold for dataset {dataset!r}; pass one, e.g. "
+            f"--threshold {norm}=VALUE"
         )
     return _THRESHOLDS[family][norm]

@@ -96,6 +96,7 @@ class AttackDetection:
     fpr_curve: np.ndarray
     tpr_curve: np.ndarray
     robust_accuracy_at_threshold: float | None  # with the detector's calibrated threshold
+    clean_false_rejection_rate: float | None  # of all n clean images, at that threshold
 
 
 def summarize_detection(scores: dict[str, Any]) -> list[AttackDetection]:
@@ -118,6 +119,7 @@ def summarize_detection(scores: dict[str, Any]) -> list[AttackDetection]:
                 fpr,
                 tpr,
                 entry["robust_under_rejection"] / clean.size if calibrated else None,
+                scores.get("clean_false_rejection_rate"),
             )
         )
     return results

@@ -66,6 +66,30 @@ def _models(runs: Sequence[RunResult]) -> list[tuple[RunResult, ModelSummary | F
     return pairs
 
 
+def _column_names(pairs: Sequence[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[str]:
+    """Each column's name: its model's, with its run directory where several runs hold a model
+    of that name (two stages of one model side by side)."""
+    counts: dict[str, int] = {}
+    for _, summary in pairs:
+        counts[summary.model] = counts.get(summary.model, 0) + 1
+    names = [
+        summary.model if counts[summary.model] == 1 else f"{summary.model} ({run.directory.name})"
+        for run, summary in pairs
+    ]
+    return [
+        name if names.count(name) == 1 else f"{name} [{position + 1}]"
+        for position, name in enumerate(names)
+    ]
+
+
+def _threshold_heading(thresholds: Sequence[float | None]) -> str:
+    """``ε = x``, or each column's ε where the runs side by side used different ones."""
+    found = {value for value in thresholds if value is not None}
+    if len(found) == 1:
+        return f"ε = {found.pop():g}"
+    return "ε by column: " + " / ".join("—" if t is None else f"{t:g}" for t in thresholds)
+
+
 def _worst_case_cell(worst: NormResult | None, n: int) -> str:
     if worst is None:
         return "—"
@@ -74,16 +98,20 @@ def _worst_case_cell(worst: NormResult | None, n: int) -> str:
 
 def _minimal_rows(pairs: list[tuple[RunResult, ModelSummary]]) -> list[Row]:
     rows: list[Row] = [("clean accuracy", [_percent(s.clean_accuracy, s.n) for _, s in pairs])]
-    order: dict[str, tuple[Norm, float]] = {}
+    order: dict[str, Norm] = {}
     for _, summary in pairs:
         for attack_result in summary.attacks.values():
-            order.setdefault(attack_result.attack_id, (attack_result.norm, attack_result.threshold))
+            order.setdefault(attack_result.attack_id, attack_result.norm)
     for norm in NORMS:
-        ids = [attack_id for attack_id, (n, _) in order.items() if n == norm]
+        ids = [attack_id for attack_id, n in order.items() if n == norm]
         if not ids:
             continue
-        threshold = order[ids[0]][1]
-        rows.append((f"**{NORM_NAMES[norm]} attacks** (ε = {threshold:g})", ["" for _ in pairs]))
+        thresholds = [
+            next((a.threshold for a in s.attacks.values() if a.norm == norm), None)
+            for _, s in pairs
+        ]
+        heading = f"**{NORM_NAMES[norm]} attacks** ({_threshold_heading(thresholds)})"
+        rows.append((heading, ["" for _ in pairs]))
         for attack_id in ids:
             cells = []
             for _, summary in pairs:
@@ -153,24 +181,38 @@ def _rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Ro
 
 
 def _detection_rows(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[Row]:
-    """One row per attack: AUC, TPR at 5% and 1% FPR, and the number of pairs, per model."""
-    found: dict[str, dict[str, AttackDetection]] = {}
-    for _, summary in pairs:
+    """One row per attack: AUC, TPR at 5% and 1% FPR, the number of pairs and, with a calibrated
+    threshold, robust accuracy under rejection, per column; then the clean false rejections."""
+    found: dict[str, dict[int, AttackDetection]] = {}
+    rejections: dict[int, float] = {}
+    for column, (_, summary) in enumerate(pairs):
         if isinstance(summary, ModelSummary):
             for detection in summary.detection:
-                found.setdefault(detection.attack_id, {})[summary.model] = detection
+                found.setdefault(detection.attack_id, {})[column] = detection
+                if detection.clean_false_rejection_rate is not None:
+                    rejections[column] = detection.clean_false_rejection_rate
     rows: list[Row] = []
-    for attack_id, by_model in found.items():
+    for attack_id, by_column in found.items():
         cells = []
-        for _, summary in pairs:
-            d = by_model.get(summary.model)
+        for column in range(len(pairs)):
+            d = by_column.get(column)
+            robust = (
+                ""
+                if d is None or d.robust_accuracy_at_threshold is None
+                else f"; robust with rejection {100 * d.robust_accuracy_at_threshold:.1f}%"
+            )
             cells.append(
                 "—"
                 if d is None
                 else f"{d.auc:.3f} / {100 * d.tpr[0.05]:.1f}% / {100 * d.tpr[0.01]:.1f}% "
-                f"({d.pairs})"
+                f"({d.pairs}){robust}"
             )
         rows.append((attack_id, cells))
+    if rejections:
+        cells = [
+            f"{100 * rejections[c]:.1f}%" if c in rejections else "—" for c in range(len(pairs))
+        ]
+        rows.append(("clean false rejections at the threshold", cells))
     return rows
 
 
@@ -220,19 +262,20 @@ def _footer(runs: Sequence[RunResult]) -> list[str]:
 
 def _flags(pairs: list[tuple[RunResult, ModelSummary | FixedSummary]]) -> list[str]:
     lines: list[str] = []
-    for _, summary in pairs:
-        lines.extend(f"{summary.model}: {flag}" for flag in summary.flags)
+    for column, (_, summary) in zip(_column_names(pairs), pairs, strict=True):
+        lines.extend(f"{column}: {flag}" for flag in summary.flags)
     return lines
 
 
 def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
-    """The JSON form (docs/report-format.md): run metadata and, per model name, its numbers."""
+    """The JSON form (docs/report-format.md): run metadata and, per column (the model's name,
+    with its run directory where several runs hold that name), its numbers."""
     pairs = _models(runs)
     first = runs[0].config
     models: dict[str, Any] = {}
-    for run, summary in pairs:
+    for column, (run, summary) in zip(_column_names(pairs), pairs, strict=True):
         if isinstance(summary, ModelSummary):
-            models[summary.model] = {
+            models[column] = {
                 "clean_accuracy": summary.clean_accuracy,
                 "attacks": {
                     a.attack_id: {
@@ -260,6 +303,8 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
                         "auc": d.auc,
                         "pairs": d.pairs,
                         **{f"tpr_at_fpr_{rate:g}": tpr for rate, tpr in d.tpr.items()},
+                        "robust_accuracy_at_threshold": d.robust_accuracy_at_threshold,
+                        "clean_false_rejection_rate": d.clean_false_rejection_rate,
                     }
                     for d in summary.detection
                 },
@@ -267,7 +312,7 @@ def report_json(runs: Sequence[RunResult]) -> dict[str, Any]:
                 "run": str(run.directory),
             }
         else:
-            models[summary.model] = {
+            models[column] = {
                 "clean_accuracy": summary.clean_accuracy,
                 "norm": NORM_NAMES[summary.norm],
                 "epsilon": summary.epsilon,
@@ -310,7 +355,7 @@ def render(runs: Sequence[RunResult], output_format: str) -> str:
     if output_format == "json":
         return json.dumps(report_json(runs), indent=2) + "\n"
     pairs = _models(runs)
-    header = ["", *(summary.model for _, summary in pairs)]
+    header = ["", *_column_names(pairs)]
     rows = _rows(pairs)
     if output_format == "csv":
         buffer = io.StringIO()
@@ -403,12 +448,13 @@ def plot_accuracy_curves(runs: Sequence[RunResult], path: str | Path) -> Path:
         raise InputError("accuracy-vs-epsilon plots need minimal-mode runs")
     norms = [n for n in NORMS if any(n in s.norms for _, s in pairs)]
     figure, axes = new_figure(len(norms), height=3.8)
+    columns = _column_names(pairs)
     for axis, norm in zip(axes[0], norms, strict=True):
-        for _, summary in pairs:
+        for column, (_, summary) in zip(columns, pairs, strict=True):
             if norm in summary.norms:
                 result = summary.norms[norm]
                 epsilons, accuracies = zip(*result.curve(), strict=True)
-                axis.plot(epsilons, [100 * a for a in accuracies], label=summary.model)
+                axis.plot(epsilons, [100 * a for a in accuracies], label=column)
                 axis.axvline(result.threshold, color="grey", linestyle=":", linewidth=1)
         axis.set_title(f"all {NORM_NAMES[norm]} attacks")
         axis.set_xlabel("epsilon")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import shutil
 import warnings
@@ -28,9 +29,19 @@ from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
 from advdefense.evaluation.robustness import predict
-from advdefense.evaluation.runner import plan_minimal_keys, run_fixed, run_minimal
+from advdefense.evaluation.runner import (
+    plan_minimal_keys,
+    record_settled,
+    run_fixed,
+    run_minimal,
+)
 from advdefense.evaluation.sanity import fixed_result_flags, model_flags, result_flags
-from advdefense.evaluation.store import RECORDS_FILE, ResultStore, model_fingerprint
+from advdefense.evaluation.store import (
+    RECORDS_FILE,
+    SAMPLES_FILE,
+    ResultStore,
+    model_fingerprint,
+)
 from advdefense.evaluation.summary import (
     FixedSummary,
     ModelSummary,
@@ -38,6 +49,7 @@ from advdefense.evaluation.summary import (
     summarize_minimal,
 )
 from advdefense.provenance import provenance
+from advdefense.validation import check_positive_int
 
 __all__ = [
     "RunConfig",
@@ -104,12 +116,18 @@ def evaluate_models(
     *,
     detectors: Mapping[str, Detector] | None = None,
     progress: bool = True,
+    replace: bool = False,
 ) -> RunResult:
     """Evaluate every model (resuming finished work in ``directory``); return the summaries.
 
     ``detectors`` maps model names to a detector for that model: in minimal mode the detector
     scores each clean image and each attack's successful adversarials (gray-box detection,
     reported as ROC AUC and TPR at 5% and 1% FPR).
+
+    A run directory holds one configuration. When ``directory`` already holds models evaluated
+    under another one, ``replace=True`` starts its run file afresh for this configuration
+    (the records stay and are reused wherever they match); otherwise a UserError names the
+    difference. Everything is checked before the run file is touched.
     """
     if not models:
         raise InputError("models is empty: pass at least one model to evaluate")
@@ -123,14 +141,77 @@ def evaluate_models(
         raise InputError(f"detectors given for unknown models: {', '.join(unknown)}")
     if detectors and config.mode != "minimal":
         raise InputError("detection is evaluated in minimal mode only (--mode minimal)")
+    _check_configuration(config, suite)
     run_dir = Path(directory)
-    with ResultStore(run_dir) as store, _configuration_held(store, config):
-        for name in models:
-            store.claim(name)
-        _evaluate_into(store, models, images, labels, suite, config, detectors, progress=progress)
+    if not replace:
+        _refuse_other_configuration(run_dir, config)
+    with ResultStore(run_dir) as store:
+        store.check_samples(config.indices, images, labels)  # before a finished model is skipped
+        with _configuration_held(store, config):
+            for name in models:
+                store.claim(name)
+            _evaluate_into(
+                store, models, images, labels, suite, config, detectors, progress=progress
+            )
     # other models of the run may be unfinished (an earlier process was killed): report them
     # as partial, flagged, rather than fail after this evaluation has finished
     return load_run(run_dir, partial=True)
+
+
+def _check_configuration(config: RunConfig, suite: AttackSuite) -> None:
+    """What the runner would refuse, refused before anything is written."""
+    check_positive_int(config.batch_size, "batch_size (--batch-size)")
+    check_positive_int(config.grid_points, "grid_points (--grid-points)")
+    thresholds = config.norm_thresholds()
+    bad = {
+        norm: value for norm, value in thresholds.items() if not math.isfinite(value) or value <= 0
+    }
+    if bad:
+        raise InputError(
+            "thresholds must be finite and positive, got "
+            + ", ".join(f"{norm}={value}" for norm, value in bad.items())
+        )
+    if config.mode == "fixed":
+        assert config.norm is not None and config.epsilon is not None
+        if not math.isfinite(config.epsilon) or config.epsilon <= 0:
+            raise InputError(f"--eps must be finite and positive, got {config.epsilon}")
+        if not any(entry.norm == config.norm for entry in suite.entries):
+            raise InputError(
+                f"suite {suite.name!r} has no {config.norm} attack; choose a suite with one "
+                f"(its norms: {', '.join(suite.norms())}) or another --norm"
+            )
+        return
+    missing = sorted({entry.norm for entry in suite.entries} - set(thresholds))
+    if missing:
+        raise InputError(
+            f"no threshold given for norm(s) {', '.join(missing)}; pass --threshold NORM=VALUE"
+        )
+
+
+def _refuse_other_configuration(run_dir: Path, config: RunConfig) -> None:
+    """A UserError when ``run_dir`` holds models evaluated under another configuration."""
+    try:
+        payload = json.loads((run_dir / RUN_FILE).read_text())
+        old, models = dict(payload["config"]), dict(payload["models"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        return
+    new = json.loads(json.dumps(asdict(config)))
+    if not models or old == new:
+        return
+    changed = [
+        f"{field} {_shown(field, old.get(field))} -> {_shown(field, value)}"
+        for field, value in new.items()
+        if old.get(field) != value
+    ]
+    raise UserError(
+        f"{run_dir} holds {', '.join(sorted(models))} evaluated under another configuration "
+        f"({'; '.join(changed)}); evaluate into another --out, or pass --replace to start its "
+        "run file afresh for this one (its records are kept and reused where they match)"
+    )
+
+
+def _shown(field: str, value: Any) -> str:
+    return f"n={len(value)}" if field == "indices" and isinstance(value, list) else repr(value)
 
 
 def _evaluate_into(
@@ -236,12 +317,15 @@ def _finished(
     """Whether ``entry`` (from the run file, same configuration) is complete for ``identity``
     with every record in ``store``.
 
-    Entries written before detector fingerprints were recorded match on the model alone (the
-    recipes refit a detector only when its model changes)."""
+    An entry finished without detection is unfinished when a detector is now given; entries
+    written before detector fingerprints were recorded match on the model alone (the recipes
+    refit a detector only when its model changes)."""
     if entry is None or not entry.get("complete"):
         return False
-    if not all(key in store for key in entry.get("keys", [])):
+    if not all(record_settled(store, key) for key in entry.get("keys", [])):
         return False
+    if "detector_fingerprint" in identity and entry.get("detection") is None:
+        return False  # finished without a detector: its detection is still to compute
     return all(entry.get(field, value) == value for field, value in identity.items())
 
 
@@ -293,8 +377,9 @@ def archive_before_resize(directory: str | os.PathLike[str], config: RunConfig) 
             models = {**earlier["models"], **models}
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         pass
-    if (run_dir / RECORDS_FILE).is_file():  # append-only, so a superset of the archive's
-        shutil.copyfile(run_dir / RECORDS_FILE, archive / RECORDS_FILE)
+    for name in (RECORDS_FILE, SAMPLES_FILE):  # both only grow: supersets of the archive's
+        if (run_dir / name).is_file():
+            shutil.copyfile(run_dir / name, archive / name)
     payload = {**payload, "models": models}
     text = json.dumps(payload, indent=1) + "\n"
     write_atomically(archive / RUN_FILE, lambda temporary: temporary.write_text(text))
@@ -431,7 +516,10 @@ def first_indices(n: int, available: int, indices_file: Path | None = None) -> t
         if n > available:
             raise InputError(f"--n {n} exceeds the {available} samples of this split")
         return tuple(range(n))
-    text = indices_file.read_text()
+    try:
+        text = indices_file.read_text()
+    except OSError as error:
+        raise InputError(f"--indices {indices_file}: cannot read it ({error.strerror})") from None
     try:
         values = json.loads(text) if text.lstrip().startswith("[") else text.split()
         indices = tuple(int(v) for v in values)

@@ -42,9 +42,10 @@ from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_b
 from advdefense.modes import attack_mode, device_of
 from advdefense.validation import check_images, check_labels, check_positive_int
 
-__all__ = ["CallCounter", "plan_minimal_keys", "run_fixed", "run_minimal"]
+__all__ = ["CallCounter", "plan_minimal_keys", "record_settled", "run_fixed", "run_minimal"]
 
 NORM_TOLERANCE = 1e-5
+SKIPPED = "skipped:"  # an attack's error when it has nothing to run on (final, never retried)
 ProgressFactory = Callable[..., Any]
 
 
@@ -185,6 +186,19 @@ def _minimal_key(
     )
 
 
+def record_settled(store: ResultStore, key: str) -> bool:
+    """Whether record ``key`` is stored for good: a record whose attack raised on every target
+    it ran on (out of memory, say) is computed again by the next run that reaches it."""
+    record = store.get(key)
+    if record is None:
+        return False
+    if "failed" in record:
+        return not record["failed"]
+    # written before the field existed: a single-target attack that raised
+    error = record.get("error")
+    return not (error and not error.startswith(SKIPPED) and len(record.get("targets", ())) == 1)
+
+
 def plan_minimal_keys(
     model: nn.Module,
     suite: AttackSuite,
@@ -242,6 +256,7 @@ def run_minimal(
     missing = sorted({entry.norm for entry in suite.entries} - set(thresholds))
     if missing:
         raise InputError(f"no threshold given for norm(s) {', '.join(missing)}")
+    store.check_samples(indices, images, labels)
     context = _context(model, model_name, seed, batch_size, defense_config or {})
     device = device_of(model)
     keys: list[str] = []
@@ -285,7 +300,7 @@ def run_minimal(
             for position, (entry, key) in enumerate(zip(bar, batch_keys, strict=True)):
                 ticker.start(bar, entry.id)
                 keys.append(key)
-                if key in store and not (keep_adversarials and store.lost(key)):
+                if record_settled(store, key) and not (keep_adversarials and store.lost(key)):
                     continue
                 attack(position, bar)
     return keys
@@ -394,6 +409,7 @@ class _Attacked:
     error: str | None
     resumed_seconds: float = 0.0  # wall time of targets finished by an earlier, killed run
     solver_stalls: str | None = None  # samples whose solver was abandoned, per target
+    failed: bool = False  # it raised on every target: nothing was attacked, a rerun retries it
 
 
 @dataclass(frozen=True)
@@ -475,7 +491,7 @@ def _attack_targets(
         return _Attacked(
             [(position, images.clone()) for position in range(len(epsilons))],
             [],
-            f"skipped: the model declares no score view {entry.score_view!r}",
+            f"{SKIPPED} the model declares no score view {entry.score_view!r}",
         )
     keep = finished if len(targets) > 1 else None
     candidates: list[tuple[int, torch.Tensor]] = []
@@ -509,7 +525,7 @@ def _attack_targets(
                 time.perf_counter() - started,
                 stalled,
             )
-            if keep is not None:
+            if keep is not None and run.error is None:  # a target that raised is retried
                 keep.save(target.name, run)
         else:
             counter.add_calls(run.forward_calls, run.backward_calls)
@@ -528,6 +544,7 @@ def _attack_targets(
         "; ".join(errors) or None,
         resumed_seconds,
         "; ".join(stalls) or None,
+        failed=len(errors) == len(targets),
     )
 
 
@@ -650,6 +667,7 @@ def _minimal_batch(
         "backward_calls": backward_calls,
         "targets": attacked.targets,
         "error": attacked.error,
+        **({"failed": True} if attacked.failed else {}),
         "solver_stalls": attacked.solver_stalls,
     }
     return record, chosen
@@ -684,6 +702,7 @@ def run_fixed(
     entries = [entry for entry in suite.entries if entry.norm == norm]
     if not entries:
         raise InputError(f"suite {suite.name!r} has no {norm} attack")
+    store.check_samples(indices, images, labels)
     context = _context(model, model_name, seed, batch_size, defense_config or {})
     binarizing = declaration_of(model).binarization_threshold is not None
     device = device_of(model)
@@ -735,7 +754,7 @@ def run_fixed(
                 )
                 keys.append(key)
                 record = store.get(key)
-                if record is None:
+                if record is None or not record_settled(store, key):
                     record = _fixed_batch(
                         entry,
                         foolbox_model,
@@ -833,5 +852,6 @@ def _fixed_batch(
         "backward_calls": backward_calls,
         "targets": attacked.targets,
         "error": attacked.error,
+        **({"failed": True} if attacked.failed else {}),
         "solver_stalls": attacked.solver_stalls,
     }

@@ -81,7 +81,11 @@ def _input_gradient(model: nn.Module, images: torch.Tensor, labels: torch.Tensor
 def _failure_flags(attack_id: str, errors: Sequence[str], stalls: Sequence[str]) -> list[str]:
     """Batches an attack raised on, and samples whose solver it abandoned."""
     return [
-        *(f"{attack_id} raised on some batches (counted as not broken): {e}" for e in errors),
+        *(
+            f"{attack_id} raised on some batches (counted as not broken; rerunning the command "
+            f"retries a batch it raised on everywhere): {e}"
+            for e in errors
+        ),
         *(f"{attack_id}: {stalled}" for stalled in stalls),
     ]
 

@@ -14,6 +14,11 @@ A record that takes longer than a working session (an attack run through each of
 defense's six surrogates) may also keep finished *parts* under ``partial/<key>/``; a rerun picks
 them up instead of starting the record again, and :meth:`ResultStore.append` deletes them once
 the record is written.
+
+A record is keyed by the sample *indices* it covers, so the store also keeps, in
+``samples.json``, a short digest of each sample it has seen (:meth:`ResultStore.check_samples`):
+a later run whose sample at a known index differs (another dataset, split or preprocessing) is
+refused rather than handed records computed on other images.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
-from advdefense.atomic_files import save_tensors_atomically
+from advdefense.atomic_files import save_tensors_atomically, write_atomically
 from advdefense.errors import UserError
 
 __all__ = ["ResultStore", "model_fingerprint", "record_key"]
@@ -42,6 +47,7 @@ RECORDS_FILE = "records.jsonl"
 ADVERSARIALS_DIR = "adversarials"
 APPEND_LOCK = ".records.lock"  # held while a line is appended or a torn one repaired
 PARTIAL_DIR = "partial"
+SAMPLES_FILE = "samples.json"
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -55,6 +61,17 @@ def model_fingerprint(model: nn.Module) -> str:
             tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         )
     return digest.hexdigest()
+
+
+def sample_digests(images: torch.Tensor, labels: torch.Tensor) -> list[str]:
+    """A short SHA-256 of each sample: its label and its pixels as float32."""
+    pixels = images.detach().to("cpu", torch.float32).contiguous()
+    return [
+        hashlib.sha256(
+            str(int(label)).encode() + b":" + image.reshape(-1).numpy().tobytes()
+        ).hexdigest()[:16]
+        for image, label in zip(pixels, labels.detach().cpu(), strict=True)
+    ]
 
 
 def record_key(**fields: Any) -> str:
@@ -202,6 +219,47 @@ class ResultStore:
 
     def _discard_parts(self, key: str) -> None:
         shutil.rmtree(self.directory / PARTIAL_DIR / key, ignore_errors=True)
+
+    def check_samples(
+        self, indices: Sequence[int], images: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        """Refuse samples other than those this store's records were computed on.
+
+        The first run to see an index records its sample's digest in ``samples.json``; a later
+        run whose sample at that index differs gets a UserError naming it, and nothing of the
+        store is touched. (A store written before digests were kept adopts the first samples
+        it is checked against.)
+        """
+        if not self._writable:
+            raise UserError(f"the store in {self.directory} was opened read-only")
+        digests = dict(zip((str(i) for i in indices), sample_digests(images, labels), strict=True))
+        path = self.directory / SAMPLES_FILE
+        with self.exclusive():
+            try:
+                known: dict[str, str] = json.loads(path.read_text())["digests"]
+            except FileNotFoundError:
+                known = {}
+            except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
+                raise UserError(
+                    f"{path} is unreadable ({error}); delete it to adopt the samples of this "
+                    "run (only if they are the ones the records were computed on)"
+                ) from None
+            clashes = [
+                index for index, digest in digests.items() if known.get(index, digest) != digest
+            ]
+            if clashes:
+                more = f" (and {len(clashes) - 1} more)" if len(clashes) > 1 else ""
+                raise UserError(
+                    f"{self.directory} holds records computed on other samples: sample "
+                    f"{clashes[0]}{more} differs from the one recorded there (another dataset, "
+                    "split or preprocessing). Evaluate into another --out, or delete "
+                    f"{self.directory} to start it afresh"
+                )
+            if set(digests) - set(known):
+                merged = {**known, **digests}
+                ordered = dict(sorted(merged.items(), key=lambda item: int(item[0])))
+                text = json.dumps({"digests": ordered}, indent=0) + "\n"
+                write_atomically(path, lambda temporary: temporary.write_text(text))
 
     def lost(self, key: str) -> bool:
         """Whether record ``key`` saved adversarials whose file is gone.

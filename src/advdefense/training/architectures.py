@@ -12,6 +12,7 @@ family, 128 and SGD 0.1 for the PDM family (App. B of the PDM paper).
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -29,6 +30,7 @@ from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.dim import DIMTrainingConfig, train_dim_family
 from advdefense.training.loop import TrainingConfig, train_classifier
 from advdefense.training.pdm import LOSSES, PDMTrainingConfig, build_resnet, train_pdm
+from advdefense.validation import check_positive_int
 
 __all__ = ["DIM_FAMILY", "PDM_FAMILY", "TRAINABLE", "TrainOptions", "train_architecture"]
 
@@ -62,15 +64,25 @@ class TrainOptions:
     reference_accuracies: tuple[float, ...] = ()
     """An earlier run's training accuracy per epoch, to warn early when a retrain departs from
     it (the PDM family)."""
+    num_classes: int | None = None
+    """The dataset's number of classes (the PDM family; None: the largest label + 1, which a
+    small training subset may lack)."""
 
     def resolved(self, architecture: str) -> TrainOptions:
         """These options with the family's default batch size and learning rate filled in."""
         batch_size, learning_rate = _SGD_DEFAULTS if architecture in PDM_FAMILY else _ADAM_DEFAULTS
-        return replace(
+        resolved = replace(
             self,
-            batch_size=self.batch_size or batch_size,
-            learning_rate=self.learning_rate or learning_rate,
+            batch_size=batch_size if self.batch_size is None else self.batch_size,
+            learning_rate=learning_rate if self.learning_rate is None else self.learning_rate,
         )
+        assert resolved.batch_size is not None and resolved.learning_rate is not None
+        check_positive_int(resolved.batch_size, "batch_size (--batch-size)")
+        if not math.isfinite(resolved.learning_rate) or resolved.learning_rate <= 0:
+            raise InputError(
+                f"learning_rate (--lr) must be finite and positive, got {resolved.learning_rate}"
+            )
+        return resolved
 
 
 def train_architecture(
@@ -167,7 +179,7 @@ def _train_pdm_family(
         options.arch,
         loss,
         in_channels=int(images.shape[1]),
-        num_classes=int(labels.max()) + 1,
+        num_classes=int(labels.max()) + 1 if options.num_classes is None else options.num_classes,
         seed=options.seed,
     )
     config = PDMTrainingConfig(
