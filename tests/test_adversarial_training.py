@@ -280,6 +280,21 @@ def test_load_abs_cnn_rejects_foreign_files(tmp_path: Path) -> None:
         load_abs_cnn(tmp_path / "partial.safetensors")
 
 
+def test_load_abs_cnn_accepts_batchnorm_step_counters(tmp_path: Path) -> None:
+    """A conversion that kept ``num_batches_tracked`` is the same model: load it unchanged."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = AbsCNN().eval()
+    state = model.state_dict()
+    assert any(key.endswith("num_batches_tracked") for key in state)
+    save_file(state, str(tmp_path / "with_counters.safetensors"))
+    loaded = load_abs_cnn(tmp_path / "with_counters.safetensors")
+    images = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
+
+
 @needs_abs_weights
 def test_published_cnn_and_bicnn_accuracy_and_round_trip(tmp_path: Path) -> None:
     images, labels = load_dataset("mnist-sample", "test")

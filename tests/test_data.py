@@ -40,6 +40,7 @@ from advdefense.data import (
     specs,
     verify_datasets,
 )
+from advdefense.data.download import DownloadError
 from advdefense.errors import CorruptFileError, DatasetNotFoundError, InputError, UserError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -102,7 +103,7 @@ def mnist_spec_for(directory: Path, base_url: str | None = None) -> DatasetSpec:
         )
         for f in spec.files
     )
-    return dataclasses.replace(spec, files=files)
+    return dataclasses.replace(spec, files=files, split_sizes=())
 
 
 def free_port() -> int:
@@ -150,6 +151,14 @@ class _Handler(http.server.SimpleHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
             return
+        if self.path.startswith("/chunked-cut/"):  # chunked, closed inside the second chunk
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"400\r\n" + b"y" * 0x400 + b"\r\n" + b"400\r\n" + b"y" * 10)
+            self.wfile.flush()
+            self.close_connection = True
+            return
         super().do_GET()
 
 
@@ -188,6 +197,10 @@ def test_specs_are_consistent() -> None:
         for split in spec.splits:
             for name in spec.files_for_split(split):
                 assert spec.extracted_file(name) is not None or spec.remote(name)
+        assert {split for split, _ in spec.split_sizes} <= set(spec.splits)
+    for name in ("mnist", "fashion-mnist"):  # raw copies are checked by their sample count
+        assert DATASETS[name].split_size("train") == 60_000
+        assert DATASETS[name].split_size("test") == 10_000
     assert DATASETS["mnist"].files[0].urls[0].startswith("https://ossci-datasets.s3")
     assert all(f.payload_sha256 for f in DATASETS["fashion-mnist"].files)
     assert DATASETS["svhn"].splits == ("train", "test", "extra")
@@ -630,6 +643,15 @@ def test_download_truncated(server: tuple[str, Path], tmp_path: Path) -> None:
     assert not dest.exists() and tmp_leftovers(dest.parent) == []
 
 
+def test_download_cut_chunked_response(server: tuple[str, Path], tmp_path: Path) -> None:
+    """Without a Content-Length the cut is a lost connection, not an announced size."""
+    url, _ = server
+    dest = tmp_path / "out" / "blob.bin"
+    with pytest.raises(DownloadError, match=r"connection closed mid-transfer after 10[23]4 bytes"):
+        download_file(url + "chunked-cut/blob.bin", dest, "0" * 32, progress=False, timeout=10)
+    assert not dest.exists()
+
+
 def test_download_404_names_file_and_directory(
     server: tuple[str, Path], isolated: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -766,6 +788,7 @@ def test_search_paths_order(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_explicit_root_wins_over_env(isolated: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # raw IDX files: MNIST publishes no checksum of the decompressed content, so both load
+    patch_spec(monkeypatch, dataclasses.replace(DATASETS["mnist"], split_sizes=()))
     env_root, explicit = isolated / "envdata", isolated / "explicit"
     write_fake_mnist(env_root / "mnist", n=12, seed=10, gz=False)
     write_fake_mnist(explicit / "mnist", n=16, seed=20, gz=False)
@@ -773,11 +796,26 @@ def test_explicit_root_wins_over_env(isolated: Path, monkeypatch: pytest.MonkeyP
     assert load_dataset("mnist", "train", root=explicit, download=False).images.shape[0] == 16
     status = {s.name: s for s in verify_datasets(explicit)}["mnist"]
     assert status.found and status.path == explicit / "mnist"
+    assert {f.state for f in status.files} == {"unverified"}
     assert all("not verified" in f.detail for f in status.files)
     # the home cache comes last
     monkeypatch.delenv("ADVDEFENSE_DATA")
     write_fake_mnist(isolated / "home" / ".cache" / "advdefense" / "mnist", n=8, gz=False)
     assert load_dataset("mnist", "train", download=False).images.shape[0] == 8
+
+
+def test_unverified_copy_with_wrong_sample_count_is_refused(isolated: Path) -> None:
+    """An uncompressed copy cannot be checksummed, so its sample count is what is checked."""
+    root = isolated / "root"
+    write_fake_mnist(root / "mnist", n=12, gz=False)
+    with pytest.raises(
+        CorruptFileError,
+        match=r"hold 12 samples, but the mnist train split "
+        r"has 60,000.*delete both",
+    ):
+        load_dataset("mnist", "train", root=root, download=False)
+    status = {s.name: s for s in verify_datasets(root)}["mnist"]
+    assert {f.state for f in status.files} == {"unverified"}
 
 
 # --- real data -------------------------------------------------------------------------------

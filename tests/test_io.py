@@ -201,3 +201,49 @@ def test_published_abs_cnn_weights_fit_our_cnn() -> None:
     result = model.load_state_dict(load_file(str(ABS_WEIGHTS)), strict=False)
     assert not result.unexpected_keys
     assert all(key.endswith("num_batches_tracked") for key in result.missing_keys)
+
+
+def test_weights_from_another_save_are_refused(tmp_path: Path) -> None:
+    """A crash between writing the weights and config.json must not pair them silently."""
+    advdefense.save(AbsCNN(), tmp_path / "first")
+    advdefense.save(_trained_like_cnn(), tmp_path / "second")
+    weights = (tmp_path / "second" / "model.safetensors").read_bytes()
+    (tmp_path / "first" / "model.safetensors").write_bytes(weights)
+    with pytest.raises(CheckpointError, match=r"not the weights file saved with config\.json"):
+        advdefense.load(tmp_path / "first")
+
+
+def test_checkpoint_without_weights_digest_still_loads(tmp_path: Path) -> None:
+    """Checkpoints saved before the digest was recorded (e.g. committed ones) stay loadable."""
+    model = _trained_like_cnn()
+    advdefense.save(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert len(config.pop("weights_sha256")) == 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = advdefense.load(tmp_path)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor)
+
+
+@pytest.mark.parametrize("version", ["1", 1.5, None, True, 0])
+def test_malformed_format_version_names_the_file(tmp_path: Path, version: object) -> None:
+    advdefense.save(AbsCNN(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["format_version"] = version
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json has format_version .*not a positive"):
+        advdefense.load(tmp_path)
+
+
+def test_invalid_config_values_name_the_file(tmp_path: Path) -> None:
+    advdefense.save(AbsCNN(), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["config"] = [1, 2]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"config\.json: 'config' is list"):
+        advdefense.load(tmp_path)
+    config["config"] = {"num_classes": -3}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    invalid = r"config\.json: its config (holds an invalid|cannot)"
+    with pytest.raises(CheckpointError, match=invalid):
+        advdefense.load(tmp_path)

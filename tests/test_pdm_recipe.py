@@ -788,3 +788,12 @@ def test_a_retrain_is_checked_against_table_1s_recorded_curve(tmp_path: Path) ->
     longer = {**wanted, "epochs": wanted["epochs"] + 1}
     assert recipe._recorded_accuracies(setting, "ce", longer) == ()
     assert recipe._recorded_accuracies(setting, "rce", wanted) == ()  # no record
+
+
+def test_adaptive_worst_cases_are_checked_against_rule_6() -> None:
+    recipe = _recipe()
+    flagged = recipe._claim_notes("cifar10", [("pdm, worst case", "l2", 1.0, 0.95)])
+    assert any(line.startswith("**Flag (DESIGN §3 rule 6):** pdm, worst case:") for line in flagged)
+    checked = recipe._claim_notes("cifar10", [("pdm, worst case", "linf", 8 / 255, 0.95)])
+    assert not any("**Flag" in line for line in checked)
+    assert any("are not checked" in line for line in checked)

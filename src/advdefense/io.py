@@ -4,7 +4,9 @@ A saved model is a directory::
 
     model.safetensors   the state dict (tensor names and values, nothing executable)
     config.json         architecture name, constructor config, dataset, training
-                        hyperparameters, seed, library versions, git commit, metrics
+                        hyperparameters, seed, library versions, git commit, metrics, and the
+                        SHA-256 of model.safetensors (so a weights file from another save,
+                        e.g. one interrupted between the two writes, is refused on load)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from advdefense.atomic_files import save_tensors_atomically, write_atomically
+from advdefense.data.integrity import file_digest
 from advdefense.errors import CheckpointError
 from advdefense.provenance import provenance
 from advdefense.registry import architecture_name, get_architecture
@@ -47,7 +50,8 @@ def save(
     """Save ``model`` (a registered architecture) to the directory ``path``; return it.
 
     Both files are written to temporary names and renamed into place, so an interrupted save
-    never leaves a half-written checkpoint behind.
+    never leaves a half-written file behind; config.json, written last, records the weights'
+    SHA-256, so weights paired with another save's config are refused by :func:`load`.
     """
     name = architecture_name(model)
     directory = Path(path)
@@ -55,6 +59,7 @@ def save(
         raise CheckpointError(f"cannot save to {directory}: it exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
     state = {key: tensor.detach().cpu().contiguous() for key, tensor in model.state_dict().items()}
+    save_tensors_atomically(directory / WEIGHTS_FILE, state)
     config = {
         "format_version": FORMAT_VERSION,
         "architecture": name,
@@ -64,8 +69,8 @@ def save(
         "seed": seed,
         "metrics": dict(metrics or {}),
         "provenance": provenance(),
+        "weights_sha256": file_digest(directory / WEIGHTS_FILE, "sha256"),
     }
-    save_tensors_atomically(directory / WEIGHTS_FILE, state)
     text = json.dumps(config, indent=2, sort_keys=True, default=_json_default) + "\n"
     write_atomically(directory / CONFIG_FILE, lambda temporary: temporary.write_text(text))
     return directory
@@ -84,6 +89,11 @@ def load_config(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{config_path} lacks 'architecture' or 'config'; it was not written by advdefense.save"
         )
     version = config.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(
+            f"{config_path} has format_version {version!r}, not a positive integer; the file "
+            "was edited or damaged: save the model again"
+        )
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{config_path} has format version {version}, newer than this advdefense "
@@ -98,14 +108,31 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
     config = load_config(directory)
     model_class = get_architecture(str(config["architecture"]))
     config_class = model_class.config_class  # type: ignore[attr-defined]
+    config_path = directory / CONFIG_FILE
+    if not isinstance(config["config"], dict):
+        raise CheckpointError(
+            f"{config_path}: 'config' is {type(config['config']).__name__}, not an object of "
+            f"{config_class.__name__} fields; the file was edited or damaged: save the model again"
+        )
     try:
         model_config = config_class(**config["config"])
     except TypeError as error:
         raise CheckpointError(
-            f"{directory / CONFIG_FILE}: its config does not fit {config_class.__name__} "
+            f"{config_path}: its config does not fit {config_class.__name__} "
             f"({error}); was it saved by another advdefense version?"
         ) from None
-    model = model_class(model_config)
+    except ValueError as error:  # InputError from the config's own checks
+        raise CheckpointError(
+            f"{config_path}: its config holds an invalid value ({error}); the file was edited "
+            "or damaged: save the model again"
+        ) from None
+    try:
+        model = model_class(model_config)
+    except (ValueError, TypeError, RuntimeError) as error:  # e.g. InputError, negative sizes
+        raise CheckpointError(
+            f"{config_path}: its config cannot build {model_class.__name__} ({error}); the file "
+            "was edited or damaged: save the model again"
+        ) from None
     weights_path = directory / WEIGHTS_FILE
     try:
         state = load_file(str(weights_path))
@@ -114,8 +141,27 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
             f"{weights_path} is not a readable safetensors file ({error}); save the model again"
         ) from None
     _check_state_matches(model, state, weights_path)
+    _check_weights_digest(config, weights_path)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
+
+
+def _check_weights_digest(config: Mapping[str, Any], weights_path: Path) -> None:
+    """Refuse weights other than those saved with this config.json (checkpoints saved before
+    the digest was recorded carry none and are accepted)."""
+    expected = config.get("weights_sha256")
+    if expected is None:
+        return
+    try:
+        actual = file_digest(weights_path, "sha256")
+    except OSError as error:
+        raise CheckpointError(f"{weights_path} cannot be read ({error})") from None
+    if actual != expected:
+        raise CheckpointError(
+            f"{weights_path} is not the weights file saved with {CONFIG_FILE} (SHA-256 "
+            f"{actual[:16]}..., the config records {str(expected)[:16]}...): the save was "
+            "interrupted or the file was replaced; save the model again"
+        )
 
 
 def _checked_directory(directory: Path) -> Path:

@@ -145,7 +145,10 @@ def _stream(
                     bar.update(len(chunk))
             except http.client.IncompleteRead as exc:
                 received += len(exc.partial)
-                expected = expected if expected is not None else received + 1
+                if expected is None:  # a chunked response cut off: no size to compare with
+                    raise DownloadError(
+                        url, f"connection closed mid-transfer after {received} bytes"
+                    ) from exc
             except (OSError, http.client.HTTPException) as exc:
                 raise DownloadError(url, f"connection lost after {received} bytes: {exc}") from exc
     if expected is not None and received != expected:

@@ -19,7 +19,9 @@ from advdefense.errors import CorruptFileError, UserError
 
 __all__ = ["FileState", "FileStatus", "check_file", "file_digest", "require_ok"]
 
-FileState = Literal["ok", "missing", "checksum-mismatch", "unreadable"]
+FileState = Literal["ok", "unverified", "missing", "checksum-mismatch", "unreadable"]
+""""unverified": an uncompressed copy of a ``.gz`` whose content checksum is not published;
+usable, and only its sample count is checked (on load)."""
 
 _CHUNK = 1 << 20
 
@@ -68,8 +70,10 @@ def _check_cached(
     try:
         if decompressed:
             if payload_sha256 is None:
-                return "ok", (
-                    "uncompressed copy; only the .gz checksum is published, content not verified"
+                return "unverified", (
+                    "uncompressed copy; only the .gz checksum is published, so its content is "
+                    "not verified (its sample count is checked on load); keep the .gz instead "
+                    "to verify it"
                 )
             actual = file_digest(path, "sha256")
             if actual == payload_sha256:
@@ -123,7 +127,8 @@ def require_ok(
     *,
     decompressed: bool = False,
 ) -> None:
-    """Like :func:`check_file` but raise when the file is not usable.
+    """Like :func:`check_file` but raise when the file is not usable ("ok" and "unverified"
+    files are).
 
     :class:`CorruptFileError` on a checksum mismatch, :class:`UserError` when it cannot be read.
     """
@@ -133,5 +138,5 @@ def require_ok(
             f"{path} has the wrong checksum ({detail}); it is damaged or a different file. "
             "Delete it and run again to download a fresh copy."
         )
-    if state != "ok":
+    if state not in ("ok", "unverified"):
         raise UserError(f"cannot read {path} ({detail}); check that it exists and is readable")

@@ -210,6 +210,13 @@ def _load_arrays(
                 f"{image_path} holds {images.shape[0]} images but {label_path} holds "
                 f"{labels.shape[0]} labels; delete both and run again to download fresh copies"
             )
+        expected = spec.split_size(split)
+        if expected is not None and images.shape[0] != expected:
+            raise CorruptFileError(
+                f"{image_path} and {label_path} hold {images.shape[0]:,} samples, but the "
+                f"{spec.name} {split} split has {expected:,}: they are damaged or another "
+                "dataset's files; delete both and run again to download fresh copies"
+            )
         return images[:, None, :, :], labels
     if spec.format == "cifar":
         key = "fine_labels" if spec.num_classes == 100 else "labels"
@@ -264,6 +271,10 @@ def load_dataset(
 # --- verification ----------------------------------------------------------------------------
 
 
+#: File states a load accepts.
+_USABLE = ("ok", "unverified")
+
+
 def _sample_status() -> DatasetStatus:
     package, resource = readers.MNIST_SAMPLE_RESOURCE
     asset = importlib.resources.files(package).joinpath(resource)
@@ -308,11 +319,11 @@ def _dataset_status(spec: DatasetSpec, root: PathLike | None) -> DatasetStatus:
                 detail = f"not found (optional: split {', '.join(splits)})"
                 archive = FileStatus(remote.filename, None, "missing", detail)
             statuses.append(archive)
-            if archive.state == "ok":
+            if archive.state in _USABLE:
                 usable.add(remote.filename)
             continue
         extracted = [_status_of(spec, dirs, member) for member in members]
-        usable.update(status.filename for status in extracted if status.state == "ok")
+        usable.update(status.filename for status in extracted if status.state in _USABLE)
         if archive.state == "ok":
             usable.update(members)
         if archive.state != "missing" or not all(s.state == "ok" for s in extracted):

@@ -66,6 +66,9 @@ class DatasetSpec:
     """For each split, the names it needs: remote filenames or extracted paths."""
     required_splits: tuple[str, ...] = ("train", "test")
     """Splits whose files must be present for :func:`verify_datasets` to call it found."""
+    split_sizes: tuple[tuple[str, int], ...] = ()
+    """Published sample count per split, checked on load: the only check an uncompressed
+    copy gets when its content checksum is not published."""
 
     @property
     def splits(self) -> tuple[str, ...]:
@@ -81,6 +84,10 @@ class DatasetSpec:
             f"unknown split {split!r} for dataset {self.name!r}; "
             f"valid splits: {', '.join(self.splits)}"
         )
+
+    def split_size(self, split: str) -> int | None:
+        """The published number of samples in ``split``, or None where not recorded."""
+        return dict(self.split_sizes).get(split)
 
     def remote(self, filename: str) -> RemoteFile:
         """The :class:`RemoteFile` called ``filename``."""
@@ -111,6 +118,8 @@ _IDX_SPLITS = (
     ("test", ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
 )
 
+_IDX_SPLIT_SIZES = (("train", 60_000), ("test", 10_000))
+
 _MNIST = DatasetSpec(
     name="mnist",
     description="MNIST handwritten digits, 60,000 train + 10,000 test, 28x28 grayscale",
@@ -138,6 +147,7 @@ _MNIST = DatasetSpec(
         },
     ),
     split_files=_IDX_SPLITS,
+    split_sizes=_IDX_SPLIT_SIZES,
 )
 
 _FASHION_MNIST = DatasetSpec(
@@ -186,6 +196,7 @@ _FASHION_MNIST = DatasetSpec(
         },
     ),
     split_files=_IDX_SPLITS,
+    split_sizes=_IDX_SPLIT_SIZES,
 )
 
 _CIFAR10_DIR = "cifar-10-batches-py"

@@ -103,11 +103,11 @@ def load_abs_cnn(weights: str | os.PathLike[str], *, binarized: bool = False) ->
         state = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as error:
         raise CheckpointError(f"{path} is not a readable safetensors file ({error})") from None
+    # A BatchNorm step counter (saved by some conversions) plays no part at inference.
+    state = {key: value for key, value in state.items() if not _is_step_counter(key)}
     model = AbsCNN(_config_from_state(state, path, binarized))
     expected = {
-        key: value
-        for key, value in model.state_dict().items()
-        if not key.endswith("num_batches_tracked")
+        key: value for key, value in model.state_dict().items() if not _is_step_counter(key)
     }
     problems = state_dict_mismatches(expected, state)
     if problems:
@@ -116,6 +116,10 @@ def load_abs_cnn(weights: str | os.PathLike[str], *, binarized: bool = False) ->
     full_state.update({key: tensor.to(torch.float32) for key, tensor in state.items()})
     model.load_state_dict(full_state, strict=True)
     return model.eval()
+
+
+def _is_step_counter(key: str) -> bool:
+    return key.endswith("num_batches_tracked")
 
 
 def load_abs_baseline(

@@ -28,6 +28,7 @@ from advdefense.attacks.suites import AttackSuite
 from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
+from advdefense.evaluation.detector_claims import detection_claim_flags
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import (
     plan_minimal_keys,
@@ -506,8 +507,27 @@ def _summarize_model(
     )
     if entry.get("detection"):
         summary.detection.extend(summarize_detection(entry["detection"]))
-    summary.flags.extend([*entry["flags"], *result_flags(summary)])
+    summary.flags.extend(
+        [*entry["flags"], *result_flags(summary), *_detection_claim_flags(summary, config)]
+    )
     return summary
+
+
+def _detection_claim_flags(summary: ModelSummary, config: RunConfig) -> list[str]:
+    """DESIGN §3 rule 6 on each attack's robust accuracy with rejection at its threshold."""
+    claims = []
+    for detection in summary.detection:
+        attack = summary.attacks.get(detection.attack_id)
+        if attack is not None and detection.robust_accuracy_at_threshold is not None:
+            claims.append(
+                (
+                    detection.attack_id,
+                    attack.norm,
+                    attack.threshold,
+                    detection.robust_accuracy_at_threshold,
+                )
+            )
+    return detection_claim_flags(config.dataset, claims)
 
 
 def first_indices(n: int, available: int, indices_file: Path | None = None) -> tuple[int, ...]:
