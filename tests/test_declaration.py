@@ -98,6 +98,8 @@ def test_binarization_values_and_gradients() -> None:
         Binarization(sigmoid_alpha=10.0, straight_through=True)
     with pytest.raises(InputError, match="threshold"):
         Binarization(threshold=1.5)
+    with pytest.raises(InputError, match="positive and finite"):  # inf * 0 would give NaN
+        Binarization(sigmoid_alpha=math.inf)
 
 
 def test_declarations_of_the_binarizing_models() -> None:
@@ -379,6 +381,10 @@ def test_margin_and_dlr_losses_by_hand() -> None:
     assert dlr_loss(four, torch.tensor([1]), targeted=True).item() == pytest.approx(3 / 2.5)
     # invariant to shifting and scaling the scores
     assert dlr_loss(7 * four + 3, torch.tensor([1]), targeted=True).item() == pytest.approx(1.2)
+    with pytest.raises(InputError, match="targeted DLR loss needs at least 4 classes"):
+        dlr_loss(scores, torch.tensor([0]), targeted=True)
+    with pytest.raises(InputError, match=r"DLR loss needs at least 3 classes.*margin"):
+        dlr_loss(scores[:, :2], torch.tensor([0]), targeted=False)
 
 
 def test_all_targets_attack_breaks_what_the_budget_allows() -> None:

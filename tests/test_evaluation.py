@@ -1381,3 +1381,19 @@ def test_runs_side_by_side_show_each_columns_threshold(tmp_path: Path) -> None:
     assert "**Linf attacks** (ε by column: 0.3 / 0.1)" in markdown
     assert "**L2 attacks** (ε = 1.5)" in markdown
     assert sorted(report_json(runs)["models"]) == ["bright (a)", "bright (b)"]
+
+
+def test_only_surrogate_runs_that_pick_among_candidates_change_key() -> None:
+    """Records chosen by a surrogate's verdict (restarts, all-targets attacks on biDIM) run
+    again since the defended model judges them; every other record keeps its key."""
+    from advdefense.defenses.dim import BiDIM
+    from advdefense.nn.abs_cnn import AbsCNN
+
+    bidim = runner._context(BiDIM(), "bidim", 0, 100, {})
+    plain = runner._context(AbsCNN(), "cnn", 0, 100, {})
+    chosen = {"selection": "judged by the defended model"}
+    assert runner._selection_fields(bidim, get_attack("linf-pgd-long")) == chosen
+    assert runner._selection_fields(bidim, get_attack("l2-dlr-all-targets")) == chosen
+    for attack_id in ("linf-pgd", "linf-internal-all-targets", "l0-pointwise-x10"):
+        assert runner._selection_fields(bidim, get_attack(attack_id)) == {}
+    assert runner._selection_fields(plain, get_attack("linf-pgd-long")) == {}

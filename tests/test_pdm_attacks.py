@@ -562,3 +562,17 @@ def test_carlini_wagner_from_accepted_starts_comes_closer_and_keeps_both_conditi
         attack(
             classifier, narrow, images, labels, targets=targets, threshold=0.0, starts=starts[:1]
         )
+
+
+def test_detector_attack_inputs_are_checked_against_their_own_bounds_and_batch(
+    aligned_toy: ToyFixture,
+) -> None:
+    classifier, detector, images, labels = aligned_toy
+    with pytest.raises(InputError, match="labels"):
+        misclassified_and_not_rejected(classifier, detector, images, labels[:1])
+    with pytest.raises(InputError, match="targets"):
+        misclassified_and_not_rejected(classifier, detector, images, labels, targets=labels.float())
+    # starts are checked against the attack's bounds, not [0, 1]
+    attack = replace(_two_phase_attack(), bounds=(0.0, 0.5))
+    with pytest.raises(InputError, match=r"starts must lie in \[0\.0, 0\.5\]"):
+        attack(classifier, detector, images.clamp(0, 0.5), labels, starts=images * 0 + 0.9)

@@ -45,6 +45,7 @@ from advdefense.attacks import (
     run_with_starting_points,
 )
 from advdefense.errors import InputError, UserError
+from advdefense.nn.binarization import Binarization
 
 DIM42 = get_suite("dim42")
 QUICK = get_suite("quick")
@@ -494,3 +495,44 @@ def test_brendel_bethge_from_starting_points(attack_id: str) -> None:
     _assert_checked(model, images, labels, entry, epsilons, result)
     assert bool(result.success[-1].any())
     assert not bool(result.success[:, ~mask].any())
+
+
+class _BinarizedLinear(nn.Module):
+    """A linear classifier on its input thresholded at 0.5 (hard, or a sigmoid stand-in)."""
+
+    def __init__(self, linear: nn.Linear, sigmoid_alpha: float | None) -> None:
+        super().__init__()
+        self.binarize = Binarization(0.5, sigmoid_alpha=sigmoid_alpha)
+        self.linear = linear
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.binarize(images.flatten(1)))
+
+
+@pytest.mark.parametrize(
+    ("attack_id", "classes"), [("linf-pgd-long", 3), ("linf-margin-all-targets", 4)]
+)
+def test_the_defended_model_judges_what_a_surrogate_attack_keeps(
+    attack_id: str, classes: int
+) -> None:
+    """Restarts and targets run on a sigmoid surrogate are chosen by the real hard-threshold
+    model: the surrogate's verdict dropped about half of the real breaks (audit, 2026-12-03)."""
+    torch.manual_seed(1)
+    linear = nn.Linear(16, classes)
+    real = _BinarizedLinear(linear, None).eval()
+    surrogate = PyTorchModel(_BinarizedLinear(linear, 10.0).eval(), bounds=(0.0, 1.0))
+    images = torch.rand(200, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        labels = real(images).argmax(1)
+    entry = _fast(get_attack(attack_id), steps=20)
+    judged = run_attack(
+        entry, surrogate, images, labels, [0.12], judge=PyTorchModel(real, bounds=(0.0, 1.0))
+    )
+    unjudged = run_attack(entry, surrogate, images, labels, [0.12])
+    with torch.no_grad():
+        breaks = real(judged.adversarials[0]).argmax(1) != labels
+        breaks_before = real(unjudged.adversarials[0]).argmax(1) != labels
+    assert torch.equal(judged.success[0], breaks)  # success is the real model's verdict
+    assert int(breaks.sum()) > int(breaks_before.sum()) + 10
+    assert bool((breaks | ~breaks_before).all())  # nothing the surrogate's choice broke is lost
+    assert bool((perturbation_norm(judged.adversarials[0] - images, "linf") <= 0.12 + 1e-6).all())

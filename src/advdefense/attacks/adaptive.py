@@ -33,6 +33,8 @@ from foolbox.criteria import Misclassification, TargetedMisclassification
 from foolbox.distances import Distance
 from foolbox.models.base import Model
 
+from advdefense.errors import InputError
+
 __all__ = [
     "AllTargetsAttack",
     "L2DLRAllTargetsAttack",
@@ -60,6 +62,12 @@ def margin_loss(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 def dlr_loss(scores: torch.Tensor, classes: torch.Tensor, *, targeted: bool) -> torch.Tensor:
     """Per sample DLR loss (Croce & Hein 2020, Eq. 6 and its targeted form); needs K >= 4
     when targeted, K >= 3 otherwise."""
+    needed = 4 if targeted else 3
+    if scores.shape[1] < needed:
+        raise InputError(
+            f"the {'targeted ' if targeted else ''}DLR loss needs at least {needed} classes, "
+            f"the model has {scores.shape[1]}; use the margin-loss attacks instead"
+        )
     ordered = scores.sort(1, descending=True).values
     if targeted:
         scale = ordered[:, 0] - 0.5 * (ordered[:, 2] + ordered[:, 3])
@@ -111,10 +119,13 @@ class L2DLRPGD(_DLRLoss, L2ProjectedGradientDescentAttack):
 class AllTargetsAttack(FixedEpsilonAttack):
     """Targeted ``inner_class`` towards every other class; per sample the smallest success.
 
-    Subclasses name the inner attack; keyword arguments go to it (e.g. ``steps``).
+    Subclasses name the inner attack; keyword arguments go to it (e.g. ``steps``). Success is
+    judged by ``judge`` when set (the defended model, when the attacked one is its surrogate:
+    :func:`~advdefense.attacks.starting_points.run_attack` sets it), else by the attacked model.
     """
 
     inner_class: ClassVar[type[BaseGradientDescent]]
+    judge: Model | None = None
 
     def __init__(self, **inner_parameters: Any) -> None:
         self.inner = self.inner_class(**inner_parameters)
@@ -149,7 +160,7 @@ class AllTargetsAttack(FixedEpsilonAttack):
                 model, images, TargetedMisclassification(targets), epsilon=epsilon
             )
             found = astensor(found)
-            success = untargeted(found, model(found)).raw
+            success = untargeted(found, (self.judge or model)(found)).raw
             size = self.distance(images, found).raw
             better = success & (size < best_size)
             best[better] = found.raw[better]

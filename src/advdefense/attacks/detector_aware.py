@@ -229,6 +229,9 @@ def misclassified_and_not_rejected(
     threshold: float | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Bool (N): predicted class != label (== target when given) and score <= threshold."""
+    check_labels(labels, "labels", batch_size=adversarials.shape[0])
+    if targets is not None:
+        check_labels(targets, "targets", batch_size=adversarials.shape[0])
     thresholds = _resolve_thresholds(
         detector, threshold, adversarials.shape[0], adversarials.device
     )
@@ -511,7 +514,7 @@ class CarliniWagnerDetectorAttack:
         elif guide_threshold is not None:
             raise InputError("guide_threshold was given without a guide; pass guide=...")
         if starts is not None:
-            check_images(starts, "starts")
+            check_images(starts, "starts", bounds=self.bounds)
             if starts.shape != images.shape:
                 raise InputError(
                     f"starts must have the shape of images {tuple(images.shape)}, "

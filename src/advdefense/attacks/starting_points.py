@@ -14,7 +14,10 @@
   adversarial of smallest norm ("Pointwise x 10", DIM paper Table 3).
 
 Every adversarial is clipped to the epsilon ball of ``entry.norm`` and to the model's bounds, and
-success is decided by a fresh forward pass, never by the attack's own flag.
+success is decided by a fresh forward pass, never by the attack's own flag. When the attacked
+model is a stand-in (a BPDA or sigmoid surrogate of a binarizing defense), ``judge=`` names the
+defended model: its forward pass decides success, and so which restart, and for an
+:class:`~advdefense.attacks.adaptive.AllTargetsAttack` which target, each sample keeps.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from eagerpy.astensor import astensor, astensor_
 from foolbox.models.base import Model
 from foolbox.types import Bounds
 
+from advdefense.attacks.adaptive import AllTargetsAttack
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
 from advdefense.attacks.solver_watchdog import watched_solver
@@ -189,14 +193,18 @@ def _foolbox_outputs(
     labels: torch.Tensor,
     epsilons: Epsilons,
     starting_points: torch.Tensor | None = None,
+    judge: Model | None = None,
 ) -> list[torch.Tensor]:
-    """One Foolbox call; the (unchecked) adversarial for each epsilon.
+    """One Foolbox call; the (unchecked) adversarial for each epsilon (an all-targets attack
+    keeps per sample the target ``judge`` finds misclassified).
 
     With ``entry.solver_timeout`` the attack's solver runs under a time limit
     (:func:`~advdefense.attacks.solver_watchdog.watched_solver`), which warns with an
     :class:`~advdefense.attacks.solver_watchdog.AttackStalledWarning` if it abandons samples.
     """
     attack = entry.build()
+    if isinstance(attack, AllTargetsAttack):
+        attack.judge = judge
     fmodel = _with_input_gradient(fmodel, images)
     extra = {} if starting_points is None else {"starting_points": starting_points}
     with watched_solver(attack, entry.solver_timeout):
@@ -231,12 +239,14 @@ def run_with_starting_points(
     starting_points: torch.Tensor,
     mask: torch.Tensor,
     epsilons: Epsilons,
+    judge: Model | None = None,
 ) -> AttackResult:
     """One run of a starting-point attack on the samples ``mask`` selects.
 
-    Samples outside ``mask``, or whose start is not misclassified, are not attacked: their
-    adversarial is the input and their success False. A start equal to the input (a clean
-    mistake) is returned as it is, at distance 0.
+    Samples outside ``mask``, or whose start is not misclassified (by ``fmodel``, the model
+    the attack refines on), are not attacked: their adversarial is the input and their success
+    False. A start equal to the input (a clean mistake) is returned as it is, at distance 0.
+    Success is decided by ``judge`` (default ``fmodel``).
     """
     if not entry.needs_starting_point:
         raise InputError(f"attack {entry.id!r} does not take starting points; use run_attack")
@@ -255,11 +265,11 @@ def run_with_starting_points(
     if bool(active.any()):
         index = active.nonzero().squeeze(1)
         outputs = _foolbox_outputs(
-            entry, fmodel, images[index], labels[index], epsilons, starts[index]
+            entry, fmodel, images[index], labels[index], epsilons, starts[index], judge
         )
         for adversarials, output in zip(raw, outputs, strict=True):
             adversarials[index] = output.to(adversarials.dtype)
-    result = _finalize_all(entry, fmodel, images, labels, raw, epsilons)
+    result = _finalize_all(entry, judge or fmodel, images, labels, raw, epsilons)
     for adversarials in result.adversarials:
         adversarials[~valid] = images[~valid]
     return AttackResult(result.adversarials, result.success & valid)
@@ -336,12 +346,16 @@ def run_attack(
     starting_points: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     generator_seed: int = 0,
+    judge: Model | None = None,
 ) -> AttackResult:
     """Run ``entry`` on a batch: build, seed, restart, start and re-check (see module doc).
 
     ``epsilons`` may contain ``None`` (unbounded) for minimization attacks only. Entries with
     ``needs_starting_point`` require ``starting_points`` (and optionally ``mask``, default all
-    samples), e.g. from :func:`best_starting_points`; other entries refuse them.
+    samples), e.g. from :func:`best_starting_points`; other entries refuse them. ``judge``
+    (default ``fmodel``) decides success: pass the defended model when ``fmodel`` is its
+    surrogate, so that no restart or target that breaks it is dropped for one that only
+    fools the surrogate.
     """
     lower, upper = fmodel.bounds
     check_images(images, "images", bounds=(float(lower), float(upper)))
@@ -359,13 +373,13 @@ def run_attack(
     for restart in range(entry.restarts):
         with _seeded(_restart_seed(generator_seed, restart)):
             if starting_points is None:
-                raw = _foolbox_outputs(entry, fmodel, images, labels, grid)
-                result = _finalize_all(entry, fmodel, images, labels, raw, grid)
+                raw = _foolbox_outputs(entry, fmodel, images, labels, grid, judge=judge)
+                result = _finalize_all(entry, judge or fmodel, images, labels, raw, grid)
             else:
                 if mask is None:
                     mask = torch.ones(images.shape[0], dtype=torch.bool, device=images.device)
                 result = run_with_starting_points(
-                    entry, fmodel, images, labels, starting_points, mask, grid
+                    entry, fmodel, images, labels, starting_points, mask, grid, judge
                 )
         best = result if best is None else _keep_better(images, entry.norm, best, result)
     assert best is not None  # restarts >= 1 is checked by AttackEntry

@@ -29,6 +29,7 @@ from foolbox.models.pytorch import PyTorchModel
 from torch import nn
 from tqdm.auto import tqdm
 
+from advdefense.attacks.adaptive import AllTargetsAttack
 from advdefense.attacks.catalog import AttackEntry
 from advdefense.attacks.norms import Norm, perturbation_norm
 from advdefense.attacks.solver_watchdog import AttackStalledWarning, stalled_positions
@@ -58,6 +59,7 @@ class RunContext:
     defense_config: dict[str, Any]
     seed: int
     batch_size: int
+    has_surrogates: bool = False
 
 
 def _batch_seed(seed: int, attack_id: str, indices: Sequence[int]) -> int:
@@ -73,7 +75,31 @@ def _context(
     declaration = declaration_of(model)
     if not declaration.is_default:
         defense_config = {**defense_config, "declaration": declaration.to_json()}
-    return RunContext(model_name, model_fingerprint(model), defense_config, seed, batch_size)
+    return RunContext(
+        model_name,
+        model_fingerprint(model),
+        defense_config,
+        seed,
+        batch_size,
+        bool(declaration.surrogates),
+    )
+
+
+def _selection_fields(context: RunContext, entry: AttackEntry) -> dict[str, Any]:
+    """Key fields naming who picks among an attack's candidates on a surrogate.
+
+    An entry with restarts, or an all-targets attack, keeps one of several adversarials per
+    sample. Run on a surrogate, it picked by the surrogate's verdict until 2026-12-03, and so
+    dropped adversarials that broke the defended model; now the defended model judges. Its
+    records carry that in their key, so the older ones run again; nothing else changes key.
+    """
+    factory = entry.factory
+    picks = entry.restarts > 1 or (
+        isinstance(factory, type) and issubclass(factory, AllTargetsAttack)
+    )
+    if context.has_surrogates and entry.uses_gradients and entry.score_view is None and picks:
+        return {"selection": "judged by the defended model"}
+    return {}
 
 
 def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
@@ -183,6 +209,7 @@ def _minimal_key(
         seed=context.seed,
         grid=grid,
         **_entry_fields(entry),
+        **_selection_fields(context, entry),
     )
 
 
@@ -577,6 +604,7 @@ def _run_on_target(
                 starting_points=starting_points,
                 mask=mask,
                 generator_seed=generator_seed,
+                judge=None if target.foolbox_model is foolbox_model else foolbox_model,
             )
         if binarization_threshold is not None:
             adversarials = [
@@ -751,6 +779,7 @@ def run_fixed(
                     epsilon=epsilon,
                     **unbounded_field,
                     **_entry_fields(entry),
+                    **_selection_fields(context, entry),
                 )
                 keys.append(key)
                 record = store.get(key)

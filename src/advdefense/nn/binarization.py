@@ -14,6 +14,7 @@ Adversarials found through a stand-in are always judged by the hard-threshold mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +42,11 @@ class Binarization:
     def __post_init__(self) -> None:
         if not 0.0 < self.threshold < 1.0:
             raise InputError(f"threshold must lie in (0, 1), got {self.threshold}")
-        if self.sigmoid_alpha is not None and not self.sigmoid_alpha > 0:
-            raise InputError(f"sigmoid_alpha must be positive, got {self.sigmoid_alpha}")
+        if self.sigmoid_alpha is not None and not 0 < self.sigmoid_alpha < math.inf:
+            raise InputError(
+                f"sigmoid_alpha must be positive and finite, got {self.sigmoid_alpha} "
+                "(for the hard threshold leave it None)"
+            )
         if self.sigmoid_alpha is not None and self.straight_through:
             raise InputError("choose either sigmoid_alpha or straight_through, not both")
 
