@@ -451,6 +451,17 @@ def test_bad_arguments(tmp_path: Path) -> None:
             thresholds=THRESHOLDS,
             progress=False,
         )
+    with pytest.raises(InputError, match=r"labels must lie in \[0, 1\], got values in \[0, 7\]"):
+        run_minimal(  # Brightness has 2 classes: label 7 would count every sample as broken
+            Brightness(),
+            images,
+            labels.clamp(max=1) * 7,
+            QUICKISH,
+            store,
+            model_name="b",
+            thresholds=THRESHOLDS,
+            progress=False,
+        )
     with pytest.raises(InputError, match="has no l1 attack"):
         run_fixed(
             Brightness(),

@@ -40,7 +40,7 @@ from advdefense.errors import InputError
 from advdefense.evaluation.counting import CallCounter
 from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
 from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_binarized
-from advdefense.modes import attack_mode, device_of
+from advdefense.modes import attack_mode, device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_positive_int
 
 __all__ = ["CallCounter", "plan_minimal_keys", "record_settled", "run_fixed", "run_minimal"]
@@ -117,6 +117,14 @@ def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
 
 def _grid(threshold: float, points: int) -> list[float]:
     return [threshold * step / points for step in range(1, points + 1)]
+
+
+def _check_label_range(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
+    """Labels must name one of the model's classes: a label beyond them makes every sample
+    count as broken (decision attacks) or crashes (gradient attacks)."""
+    with torch.no_grad(), evaluation_mode(model):
+        classes = int(model(images[:1].to(device_of(model))).shape[1])
+    check_labels(labels, "labels", batch_size=images.shape[0], num_classes=classes)
 
 
 def _validated(images: torch.Tensor, labels: torch.Tensor, indices: Sequence[int]) -> None:
@@ -278,6 +286,7 @@ def run_minimal(
     """
     indices = list(range(images.shape[0])) if indices is None else list(indices)
     _validated(images, labels, indices)
+    _check_label_range(model, images, labels)
     check_positive_int(batch_size, "batch_size")
     check_positive_int(grid_points, "grid_points")
     missing = sorted({entry.norm for entry in suite.entries} - set(thresholds))
@@ -724,6 +733,7 @@ def run_fixed(
     """
     indices = list(range(images.shape[0])) if indices is None else list(indices)
     _validated(images, labels, indices)
+    _check_label_range(model, images, labels)
     check_positive_int(batch_size, "batch_size")
     if not epsilon > 0:
         raise InputError(f"epsilon must be positive, got {epsilon}")
