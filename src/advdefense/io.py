@@ -142,6 +142,9 @@ def load(path: str | os.PathLike[str], *, device: str | torch.device = "cpu") ->
         ) from None
     _check_state_matches(model, state, weights_path)
     _check_weights_digest(config, weights_path)
+    floating = {tensor.dtype for tensor in state.values() if tensor.is_floating_point()}
+    if len(floating) == 1:  # a model saved in float64 (or half) comes back as it was saved
+        model = model.to(dtype=floating.pop())
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from advdefense.errors import InputError
+from advdefense.modes import evaluation_mode
 from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.loop import TrainingConfig, TrainingHistory, train_classifier
 from advdefense.validation import check_images, check_labels, check_positive_int
@@ -57,6 +58,8 @@ class PGDConfig:
             if not math.isfinite(value) or value <= 0:
                 raise InputError(f"{name} must be positive and finite, got {value}")
         check_positive_int(self.steps, "steps")
+        if not isinstance(self.random_start, bool):
+            raise InputError(f"random_start must be True or False, got {self.random_start!r}")
 
 
 def pgd_linf(
@@ -75,7 +78,9 @@ def pgd_linf(
     parameter gradients are accumulated. Returns detached adversarial images.
     """
     check_images(images, "images")
-    check_labels(labels, "labels", batch_size=images.shape[0])
+    with torch.no_grad(), evaluation_mode(model):  # no BatchNorm statistics move
+        classes = int(model(images[:1]).shape[1])
+    check_labels(labels, "labels", batch_size=images.shape[0], num_classes=classes)
     return _pgd_linf(model, images, labels, config, generator)
 
 

@@ -51,7 +51,7 @@ from advdefense.errors import InputError
 from advdefense.nn.binarization import Binarization, binarization_surrogates
 from advdefense.nn.mlp import MLP, MLPAutoencoder
 from advdefense.registry import register_model
-from advdefense.validation import check_images
+from advdefense.validation import check_images, check_positive_int
 
 __all__ = [
     "DIM",
@@ -97,12 +97,15 @@ class DIMConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if len(self.image_shape) != 3:
             raise InputError(f"image_shape must be (C, H, W), got {self.image_shape}")
-        if isinstance(self.num_classes, bool) or self.num_classes < 2:
+        if check_positive_int(self.num_classes, "num_classes") < 2:
             raise InputError(f"num_classes must be at least 2, got {self.num_classes}")
         pixels = self.pixels
         for prefix in ("denoiser", "internal"):
             encoder = getattr(self, f"{prefix}_encoder_widths")
             decoder = getattr(self, f"{prefix}_decoder_widths")
+            for part, widths in (("encoder", encoder), ("decoder", decoder)):
+                for width in widths:
+                    check_positive_int(width, f"{prefix}_{part}_widths entries")
             if len(encoder) < 2 or len(decoder) < 2 or encoder[0] != pixels:
                 raise InputError(
                     f"{prefix}_encoder_widths must start with the {pixels} pixels, got {encoder}"

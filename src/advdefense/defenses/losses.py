@@ -113,6 +113,11 @@ def siamese_cosine_loss(
         raise InputError(
             f"same_class must be a vector of {first.shape[0]} zeros and ones, got {shape}"
         )
+    if not bool(((same_class == 0) | (same_class == 1)).all()):
+        raise InputError(
+            f"same_class must hold only zeros and ones (1: the pair shares its class), got "
+            f"values {sorted({float(v) for v in same_class.tolist()})}"
+        )
     cosine = functional.cosine_similarity(first, second, dim=1)
     return (cosine - same_class.to(cosine.dtype)).abs().mean()
 

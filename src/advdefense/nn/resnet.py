@@ -26,6 +26,7 @@ the saved classifier's argmax is its prediction. Training reads the raw logits t
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,11 @@ class ResNetConfig:
             raise InputError(f"widths must hold three stage widths, got {self.widths!r}")
         for width in self.widths:
             check_positive_int(width, "widths")
+        if list(self.widths) != sorted(self.widths):
+            raise InputError(
+                f"widths must not decrease from stage to stage (the option-A shortcuts pad "
+                f"channels, they cannot drop them), got {self.widths!r}"
+            )
         if not 0.0 <= self.leaky_slope < 1.0:
             raise InputError(f"leaky_slope must lie in [0, 1), got {self.leaky_slope}")
         if self.output not in OUTPUTS:
@@ -86,8 +92,10 @@ class ResNetConfig:
                 raise InputError(
                     f"{name} must hold 1 or in_channels = {self.in_channels} values, got {values!r}"
                 )
-        if any(not value > 0 for value in self.input_std):
-            raise InputError(f"input_std must be positive, got {self.input_std!r}")
+        if any(not 0 < value < math.inf for value in self.input_std):
+            raise InputError(f"input_std must be positive and finite, got {self.input_std!r}")
+        if any(not math.isfinite(value) for value in self.input_mean):
+            raise InputError(f"input_mean must be finite, got {self.input_mean!r}")
 
     @property
     def blocks_per_stage(self) -> int:

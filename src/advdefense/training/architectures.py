@@ -116,7 +116,9 @@ def _train(
         assert issubclass(model_class, InternalModelClassifier)
         dim_model = model_class(model_class.default_config())
         dim_config = DIMTrainingConfig(
-            denoiser_epochs=options.denoiser_epochs or options.epochs,
+            denoiser_epochs=(
+                options.epochs if options.denoiser_epochs is None else options.denoiser_epochs
+            ),
             internal_epochs=options.epochs,
             batch_size=options.batch_size,
             learning_rate=options.learning_rate,

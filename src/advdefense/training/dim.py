@@ -76,16 +76,20 @@ class DIMTrainingConfig:
         check_positive_int(self.batch_size, "batch_size")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise InputError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not math.isfinite(self.uniform_noise) or self.uniform_noise < 0:
-            raise InputError(f"uniform_noise must be non-negative, got {self.uniform_noise}")
-        check_probability(self.l0_noise_probability, "l0_noise_probability")
-        if self.l0_noise_probability > 0.5:
-            raise InputError(
-                "l0_noise_probability is the chance of +1 and, separately, of -1, so it must "
-                f"be at most 0.5, got {self.l0_noise_probability}"
-            )
+        _check_noise(self.uniform_noise, self.l0_noise_probability, "l0_noise_probability")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise InputError(f"seed must be an integer, got {self.seed!r}")
+
+
+def _check_noise(uniform_noise: float, l0_probability: float, l0_name: str) -> None:
+    if not math.isfinite(uniform_noise) or uniform_noise < 0:
+        raise InputError(f"uniform_noise must be non-negative, got {uniform_noise}")
+    check_probability(l0_probability, l0_name)
+    if l0_probability > 0.5:
+        raise InputError(
+            f"{l0_name} is the chance of +1 and, separately, of -1, so it must be at most 0.5, "
+            f"got {l0_probability}"
+        )
 
 
 def _uniform(shape: torch.Size, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
@@ -104,6 +108,7 @@ def add_training_noise(
 ) -> torch.Tensor:
     """``images`` plus U[-uniform_noise, uniform_noise] noise and +-1 L0 noise per value
     (+1 with probability ``l0_probability``, -1 with the same probability); Appendix A.1.1."""
+    _check_noise(uniform_noise, l0_probability, "l0_probability")
     uniform = (2.0 * _uniform(images.shape, generator, images) - 1.0) * uniform_noise
     draw = _uniform(images.shape, generator, images)
     flips = (draw < l0_probability).to(images.dtype) - (draw >= 1.0 - l0_probability).to(
