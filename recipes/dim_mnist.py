@@ -65,6 +65,7 @@ from advdefense.evaluation.markdown import markdown_table, percent_with_interval
 from advdefense.evaluation.report import write_reports
 from advdefense.evaluation.robustness import clean_accuracy
 from advdefense.evaluation.run import (
+    SURROGATE_CHOICE_FLAG,
     RunConfig,
     RunResult,
     archive_before_resize,
@@ -540,7 +541,10 @@ def render_true_robustness(setting: Setting) -> str:
         "samples once dim42 has run): the true robustness next to the paper-protocol number. "
         "`*`: a stage is missing, stale or still has attacks pending. (stale): that stage ran "
         "on other weights of the model than its quick stage (the model was retrained since); "
-        "it is left out of the worst case until it runs again. Each stage's sanity flags "
+        "it is left out of the worst case until it runs again. (surrogate-chosen): an attack of "
+        "that stage ran on surrogates and kept per sample the candidate the surrogate judged "
+        "adversarial (before 2026-12-03), possibly dropping breaks of the real model, so the "
+        "cell may overstate robustness until the stage runs again. Each stage's sanity flags "
         "(DESIGN.md §3.5) are in its run's report.md under runs/."
     )
     return "\n".join(lines) + "\n"
@@ -577,10 +581,17 @@ def _norm_cell(summary: ModelSummary | None, norm: str) -> str:
     return percent_with_interval(robust, len(result.distances)) + partial
 
 
+def _surrogate_chosen(summary: FixedSummary | None) -> bool:
+    """Whether some record of ``summary`` kept candidates its surrogate chose (before the
+    defended model judged them): its robust accuracy may be overstated."""
+    return summary is not None and any(SURROGATE_CHOICE_FLAG in flag for flag in summary.flags)
+
+
 def _fixed_cell(summary: FixedSummary | None) -> str:
     if summary is None:
         return "not run"
-    return percent_with_interval(sum(b is None for b in summary.broken_by), summary.n)
+    cell = percent_with_interval(sum(b is None for b in summary.broken_by), summary.n)
+    return cell + (" (surrogate-chosen)" if _surrogate_chosen(summary) else "")
 
 
 def _worst_case_cell(
@@ -603,7 +614,9 @@ def _worst_case_cell(
     count = min(len(stage) for stage in stages)
     broken = [any(stage[index] for stage in stages) for index in range(count)]
     missing = paper is None or quick is None or None in fixed
-    partial = any(s is not None and s.pending for s in (paper, quick))
+    partial = any(s is not None and s.pending for s in (paper, quick)) or any(
+        _surrogate_chosen(run) for run in fixed
+    )
     marker = "*" if missing or partial else ""
     return percent_with_interval(sum(not b for b in broken), count) + marker
 

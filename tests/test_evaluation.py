@@ -1408,3 +1408,40 @@ def test_only_surrogate_runs_that_pick_among_candidates_change_key() -> None:
     for attack_id in ("linf-pgd", "linf-internal-all-targets", "l0-pointwise-x10"):
         assert runner._selection_fields(bidim, get_attack(attack_id)) == {}
     assert runner._selection_fields(plain, get_attack("linf-pgd-long")) == {}
+
+
+def test_binarizing_entries_finished_before_the_selection_fix_are_redone(tmp_path: Path) -> None:
+    """A complete run.json entry of biDIM without ``surrogate_selection`` was computed with
+    surrogate-chosen candidates: the next run redoes it (its new keys); plain models keep theirs."""
+    from advdefense.defenses.dim import BiDIM
+    from advdefense.evaluation import run as run_module
+    from advdefense.nn.abs_cnn import AbsCNN
+
+    store = ResultStore(tmp_path)
+    for model, redone in ((BiDIM(), True), (AbsCNN(), False)):
+        identity = run_module._identity(model, None)
+        before = {"complete": True, "keys": [], "fingerprint": identity["fingerprint"]}
+        assert run_module._finished(before, identity, store) is not redone
+        assert run_module._finished({**before, **identity}, identity, store)
+
+
+def test_records_chosen_by_a_surrogate_are_flagged(tmp_path: Path) -> None:
+    from advdefense.evaluation import run as run_module
+
+    store = ResultStore(tmp_path)
+    base = {"model": "bidim", "restarts": 5, "attack_class": "x.LinfProjectedGradientDescentAttack"}
+    store.append({**base, "key": "old", "attack": "linf-pgd-long", "targets": ["sigmoid-10"]})
+    store.append(
+        {
+            **base,
+            "key": "new",
+            "attack": "l2-pgd-long",
+            "targets": ["sigmoid-10"],
+            "selection": runner.SURROGATE_SELECTION,
+        }
+    )
+    store.append({**base, "key": "plain", "attack": "l1-pgd-long", "targets": ["model"]})
+    flags = run_module._surrogate_choice_flags(store, {"keys": ["old", "new", "plain"]})
+    assert len(flags) == 1 and flags[0].startswith("linf-pgd-long: ran on surrogates")
+    assert run_module.SURROGATE_CHOICE_FLAG in flags[0]
+    assert run_module._surrogate_choice_flags(store, {"keys": ["new", "plain"]}) == []

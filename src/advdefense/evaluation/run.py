@@ -23,14 +23,17 @@ import torch
 from torch import nn
 
 from advdefense.atomic_files import write_atomically
+from advdefense.attacks.catalog import ATTACKS
 from advdefense.attacks.norms import NORM_ALIASES, Norm
 from advdefense.attacks.suites import AttackSuite
+from advdefense.declaration import declaration_of
 from advdefense.defenses.detector import Detector
 from advdefense.errors import InputError, UserError
 from advdefense.evaluation.detection_run import detection_scores, summarize_detection
 from advdefense.evaluation.detector_claims import detection_claim_flags
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import (
+    SURROGATE_SELECTION,
     plan_minimal_keys,
     record_settled,
     run_fixed,
@@ -304,11 +307,19 @@ def _evaluate_into(
         _write_run_entry(store, config, name, entries[name])
 
 
+#: Identity fields an entry must carry to count as finished: entries written before them were
+#: computed otherwise (:data:`~advdefense.evaluation.runner.SURROGATE_SELECTION`).
+_REQUIRED_IDENTITY = ("surrogate_selection",)
+
+
 def _identity(model: nn.Module, detector: Detector | None) -> dict[str, str]:
-    """What a finished entry was computed from: the model's and its detector's fingerprints."""
+    """What a finished entry was computed from: the model's and its detector's fingerprints,
+    and for a defense attacked through surrogates, how their candidates were chosen."""
     identity = {"fingerprint": model_fingerprint(model)}
     if detector is not None:
         identity["detector_fingerprint"] = model_fingerprint(detector)
+    if declaration_of(model).surrogates:
+        identity["surrogate_selection"] = SURROGATE_SELECTION
     return identity
 
 
@@ -327,7 +338,10 @@ def _finished(
         return False
     if "detector_fingerprint" in identity and entry.get("detection") is None:
         return False  # finished without a detector: its detection is still to compute
-    return all(entry.get(field, value) == value for field, value in identity.items())
+    return all(
+        entry.get(field, None if field in _REQUIRED_IDENTITY else value) == value
+        for field, value in identity.items()
+    )
 
 
 def _planned_attacks(suite: AttackSuite, config: RunConfig) -> list[str]:
@@ -488,7 +502,9 @@ def _summarize_model(
             epsilon=config.epsilon,
             fingerprint=entry.get("fingerprint", ""),
         )
-        fixed.flags.extend([*entry["flags"], *fixed_result_flags(fixed)])
+        fixed.flags.extend(
+            [*entry["flags"], *fixed_result_flags(fixed), *_surrogate_choice_flags(store, entry)]
+        )
         return fixed
     if not entry.get("complete", True) and not partial:
         raise UserError(
@@ -508,9 +524,41 @@ def _summarize_model(
     if entry.get("detection"):
         summary.detection.extend(summarize_detection(entry["detection"]))
     summary.flags.extend(
-        [*entry["flags"], *result_flags(summary), *_detection_claim_flags(summary, config)]
+        [
+            *entry["flags"],
+            *result_flags(summary),
+            *_detection_claim_flags(summary, config),
+            *_surrogate_choice_flags(store, entry),
+        ]
     )
     return summary
+
+
+#: The flag of records whose candidates a surrogate chose (:func:`_surrogate_choice_flags`).
+SURROGATE_CHOICE_FLAG = "kept per sample the candidate its surrogate judged adversarial"
+
+
+def _surrogate_choice_flags(store: ResultStore, entry: Mapping[str, Any]) -> list[str]:
+    """Flag records written before the defended model judged an attack's candidates on a
+    surrogate (restarts, all-targets attacks; :func:`runner._selection_fields`): they may have
+    dropped adversarials that broke the defended model."""
+    attacks: dict[str, None] = {}
+    for key in entry.get("keys", []):
+        record = store.get(key)
+        if record is None or "selection" in record:
+            continue
+        catalogued = ATTACKS.get(record["attack"])
+        on_surrogates = record.get("targets") not in (None, ["model"])
+        picks = record.get("restarts", 1) > 1 or "AllTargets" in record.get("attack_class", "")
+        if on_surrogates and picks and catalogued is not None and catalogued.score_view is None:
+            attacks[record["attack"]] = None
+    if not attacks:
+        return []
+    return [
+        f"{', '.join(attacks)}: ran on surrogates and {SURROGATE_CHOICE_FLAG} (before "
+        "2026-12-03), so it may have dropped adversarials that break the defended model and "
+        "robust accuracy may be overstated; rerun the command to redo these records"
+    ]
 
 
 def _detection_claim_flags(summary: ModelSummary, config: RunConfig) -> list[str]:

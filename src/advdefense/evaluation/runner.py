@@ -85,6 +85,11 @@ def _context(
     )
 
 
+#: Who picks among the candidates of an attack run on a surrogate (:func:`_selection_fields`);
+#: run files record it per binarizing model, so entries finished before it are redone.
+SURROGATE_SELECTION = "judged by the defended model"
+
+
 def _selection_fields(context: RunContext, entry: AttackEntry) -> dict[str, Any]:
     """Key fields naming who picks among an attack's candidates on a surrogate.
 
@@ -98,7 +103,7 @@ def _selection_fields(context: RunContext, entry: AttackEntry) -> dict[str, Any]
         isinstance(factory, type) and issubclass(factory, AllTargetsAttack)
     )
     if context.has_surrogates and entry.uses_gradients and entry.score_view is None and picks:
-        return {"selection": "judged by the defended model"}
+        return {"selection": SURROGATE_SELECTION}
     return {}
 
 
@@ -402,6 +407,7 @@ class _MinimalBatch:
                 "indices": self.indices,
                 "seed": self.context.seed,
                 **_entry_fields(entry),
+                **_selection_fields(self.context, entry),
                 **record,
             },
             adversarials.cpu(),
@@ -817,6 +823,7 @@ def run_fixed(
                             "epsilon": epsilon,
                             **unbounded_field,
                             **_entry_fields(entry),
+                            **_selection_fields(context, entry),
                             **record,
                         },
                     )
