@@ -66,7 +66,7 @@ def _toy_dim_setting(directory: Path) -> tuple[ModuleType, Any, dict[str, nn.Mod
     recipe = _recipe("dim_mnist")
     images, labels = _data()
     thresholds = {"l0": 12.0, "l1": 8.0, "l2": 1.5, "linf": 0.3}
-    setting = recipe.Setting("toy", directory, images, labels, thresholds, 0, False)
+    setting = recipe.Setting("mnist-sample", directory, images, labels, thresholds, 0, False)
     return recipe, setting, {"cnn": MeanPixel(20.0), "dim": MeanPixel(5.0)}
 
 
@@ -119,6 +119,11 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
         if line.startswith("| all-linf |")
     ]
     assert cnn_cells == [["0.25 / 33.3", "0.08 / 0"], ["0.25 / 33.3", "0"]]
+    # another dataset: the paper's MNIST numbers for orientation, no difference column
+    summaries = recipe._minimal_summaries(setting, "dim42")
+    other = recipe.render_paper_table("table1", summaries, 12, "fashion-mnist")
+    assert "cnn paper (MNIST)" in other and "Δ |" not in other.splitlines()[0]
+    assert "the paper never ran fashion-mnist" in other
 
 
 @pytest.mark.parametrize("name", ["dim_mnist", "cnn_mnist_sample"])
