@@ -43,7 +43,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -462,12 +462,17 @@ def _our_cell(summary: ModelSummary | None, row: str) -> tuple[str, float]:
 
 
 def render_paper_table(
-    table: str, summaries: dict[str, ModelSummary], n: int, dataset: str = "mnist"
+    table: str,
+    summaries: dict[str, ModelSummary],
+    n: int,
+    dataset: str = "mnist",
+    stale: Collection[str] = (),
 ) -> str:
     """One of the paper's tables: per model our value, the paper's, and ours minus the paper's.
 
     The paper ran MNIST only: on another dataset its numbers stand beside ours for orientation,
-    without a difference (other images, and other thresholds where ours differ)."""
+    without a difference (other images, and other thresholds where ours differ). Models in
+    ``stale`` ran on other weights than their current ones: marked, and no difference."""
     paper = json.loads(PAPER_FILE.read_text())[table]
     columns = [c for c in paper["columns"] if c in TABLE_COLUMNS[table]]
     comparable = dataset in ("mnist", "mnist-sample")
@@ -478,6 +483,8 @@ def render_paper_table(
         cells = [row]
         for column in columns:
             ours, accuracy = _our_cell(summaries.get(column), row)
+            if column in stale:
+                ours, accuracy = f"{ours} (stale)", math.nan
             reference = values.get(column)
             cells += [ours, _paper_cell(reference)]
             if comparable:
@@ -493,7 +500,9 @@ def render_paper_table(
         f"Ours: accuracy in percent on the first n = {n} test samples (dim42 suite, Foolbox "
         "3.3.4 defaults); `all-<norm>` rows: median distance / worst-case accuracy over all of "
         "that norm's dim42 attacks (not only the rows shown). `*`: some of that norm's attacks "
-        "are still pending (a Δ so marked will change); `pending`: no result yet. Paper: "
+        "are still pending (a Δ so marked will change); `pending`: no result yet; (stale): "
+        "the model was retrained after its dim42 run, which is redone by the next run of the "
+        "stage. Paper: "
         "Tables 1 and 2 of the DIM paper (Table 2 gives no median distances, only accuracies)"
         + (
             "."
@@ -639,9 +648,15 @@ def _worst_case_cell(
 def write_tables(setting: Setting) -> None:
     """Rewrite table1.md, table2.md and true_robustness.md from whatever has run so far."""
     dim42 = _minimal_summaries(setting, "dim42")
+    quick = _minimal_summaries(setting, "quick")
+    stale = {
+        name
+        for name, summary in dim42.items()
+        if _same_weights(summary, quick.get(name))[0] is None
+    }
     for table in ("table1", "table2"):
         text = f"# {setting.dataset}: the DIM paper's {table.replace('table', 'Table ')}\n\n"
-        text += render_paper_table(table, dim42, setting.dim42_n, setting.dataset)
+        text += render_paper_table(table, dim42, setting.dim42_n, setting.dataset, stale)
         (setting.directory / f"{table}.md").write_text(text)
     text = f"# {setting.dataset}: paper protocol vs. adaptive attacks\n\n"
     (setting.directory / "true_robustness.md").write_text(text + render_true_robustness(setting))

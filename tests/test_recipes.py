@@ -124,6 +124,19 @@ def test_dim_tables_from_partial_runs(tmp_path: Path) -> None:
     other = recipe.render_paper_table("table1", summaries, 12, "fashion-mnist")
     assert "cnn paper (MNIST)" in other and "Δ |" not in other.splitlines()[0]
     assert "the paper never ran fashion-mnist" in other
+    # a dim42 run on other weights than the quick stage's is marked stale, without a difference
+    run_file = setting.run_dir("dim42") / "run.json"
+    payload = json.loads(run_file.read_text())
+    payload["models"]["dim"]["fingerprint"] = "0" * 64
+    run_file.write_text(json.dumps(payload))
+    recipe.write_tables(setting)
+    pgd_row = next(
+        line
+        for line in (tmp_path / "table1.md").read_text().splitlines()
+        if line.startswith("| linf-pgd |")
+    )
+    dim_cells = [cell.strip() for cell in pgd_row.strip("|").split("|")][-3:]
+    assert dim_cells[0].endswith("(stale)") and dim_cells[2] == "—"
 
 
 @pytest.mark.parametrize("name", ["dim_mnist", "cnn_mnist_sample"])
