@@ -1255,6 +1255,11 @@ def test_markdown_helpers() -> None:
     assert percent_with_interval(0, 0) == "—"
     assert percent_with_interval(0, 200) == "0.0 [0, 2]"  # Wilson: [0, 1.88%]
     assert percent_with_interval(90, 200) == "45.0 [38, 52]"
+    # bounds that would round to 0 or 100 without being there keep their size
+    assert percent_with_interval(0, 1000) == "0.0 [0, 0.4]"  # Wilson: [0, 0.38%]
+    assert percent_with_interval(1, 1000) == "0.1 [0.02, 1]"
+    assert percent_with_interval(1000, 1000) == "100.0 [99.6, 100]"
+    assert percent_with_interval(999, 1000) == "99.9 [99, 99.98]"
 
 
 # A run directory never hands back results computed on something else, and a refused or failed

@@ -21,4 +21,16 @@ def percent_with_interval(count: int, total: int) -> str:
     if total == 0:
         return "—"
     low, high = wilson_interval(count, total)
-    return f"{100 * count / total:.1f} [{100 * low:.0f}, {100 * high:.0f}]"
+    return f"{100 * count / total:.1f} [{_bound(100 * low)}, {_bound(100 * high)}]"
+
+
+def _bound(percent: float) -> str:
+    """A bound in whole percent, or finer where rounding would reach 0 or 100 without being
+    there (0/1000 gives [0, 0.4], not [0, 0])."""
+    whole = f"{percent:.0f}"
+    exact = min(abs(percent), abs(percent - 100)) < 1e-9  # 0 or 100 up to rounding error
+    if whole == "0" and not exact:
+        return f"{percent:.1g}"
+    if whole == "100" and not exact:
+        return f"{percent:.1f}" if f"{percent:.1f}" != "100.0" else f"{percent:.2f}"
+    return whole
