@@ -34,6 +34,7 @@ from advdefense.evaluation.detector_claims import detection_claim_flags
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import (
     SURROGATE_SELECTION,
+    picks_among_candidates,
     plan_minimal_keys,
     record_settled,
     run_fixed,
@@ -549,8 +550,7 @@ def _surrogate_choice_flags(store: ResultStore, entry: Mapping[str, Any]) -> lis
             continue
         catalogued = ATTACKS.get(record["attack"])
         on_surrogates = record.get("targets") not in (None, ["model"])
-        picks = record.get("restarts", 1) > 1 or "AllTargets" in record.get("attack_class", "")
-        if on_surrogates and picks and catalogued is not None and catalogued.score_view is None:
+        if on_surrogates and catalogued is not None and picks_among_candidates(catalogued):
             attacks[record["attack"]] = None
     if not attacks:
         return []

@@ -90,6 +90,16 @@ def _context(
 SURROGATE_SELECTION = "judged by the defended model"
 
 
+def picks_among_candidates(entry: AttackEntry) -> bool:
+    """Whether ``entry``, run on a defense's surrogates, keeps one of several adversarials per
+    sample (restarts, or one per target class), so that who judges them matters."""
+    factory = entry.factory
+    picks = entry.restarts > 1 or (
+        isinstance(factory, type) and issubclass(factory, AllTargetsAttack)
+    )
+    return picks and entry.uses_gradients and entry.score_view is None
+
+
 def _selection_fields(context: RunContext, entry: AttackEntry) -> dict[str, Any]:
     """Key fields naming who picks among an attack's candidates on a surrogate.
 
@@ -98,11 +108,7 @@ def _selection_fields(context: RunContext, entry: AttackEntry) -> dict[str, Any]
     dropped adversarials that broke the defended model; now the defended model judges. Its
     records carry that in their key, so the older ones run again; nothing else changes key.
     """
-    factory = entry.factory
-    picks = entry.restarts > 1 or (
-        isinstance(factory, type) and issubclass(factory, AllTargetsAttack)
-    )
-    if context.has_surrogates and entry.uses_gradients and entry.score_view is None and picks:
+    if context.has_surrogates and picks_among_candidates(entry):
         return {"selection": SURROGATE_SELECTION}
     return {}
 
