@@ -10,15 +10,20 @@ import pytest
 import torch
 
 import advdefense
+from advdefense.attacks.suites import get_suite
 from advdefense.defenses.adversarial_training import PGDConfig, pgd_linf
 from advdefense.defenses.dim import DIMConfig
 from advdefense.defenses.losses import siamese_cosine_loss
 from advdefense.errors import InputError
+from advdefense.evaluation.robustness import predict
+from advdefense.evaluation.runner import run_fixed
+from advdefense.evaluation.store import ResultStore
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.nn.madry_cnn import MadryCNN
 from advdefense.nn.resnet import ResNetConfig
 from advdefense.training.architectures import TrainOptions, train_architecture
 from advdefense.training.dim import add_training_noise
+from advdefense.validation import check_model_dtype
 
 
 def test_a_float64_model_loads_as_float64(tmp_path: Path) -> None:
@@ -82,3 +87,49 @@ def test_dim_config_refuses_non_integer_sizes() -> None:
         DIMConfig(num_classes=3.0)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="internal_encoder_widths entries"):
         DIMConfig(internal_encoder_widths=(784, 0, 10))
+
+
+def _float32_classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+
+
+def test_images_of_another_dtype_than_the_model_get_a_clear_error(tmp_path: Path) -> None:
+    model = _float32_classifier()
+    images, labels = torch.rand(4, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    message = r"images have dtype torch.float64 but the model's weights are torch.float32"
+    with pytest.raises(InputError, match=message):
+        predict(model, images)
+    with pytest.raises(InputError, match=message):
+        pgd_linf(model, images, labels, PGDConfig(epsilon=0.1, step_size=0.05, steps=1))
+    with pytest.raises(InputError, match=r"images.to\(torch.float32\), or the model"):
+        run_fixed(
+            model,
+            images,
+            labels,
+            get_suite("quick"),
+            ResultStore(tmp_path),
+            model_name="m",
+            norm="linf",
+            epsilon=0.1,
+            progress=False,
+        )
+    assert predict(model, images.float()).shape == (4,)
+
+
+class _CastingClassifier(torch.nn.Module):
+    """Float64 weights that convert their input: any floating dtype works."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weights = torch.nn.Parameter(torch.ones(16, 3, dtype=torch.float64))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.flatten(1).double() @ self.weights
+
+
+def test_models_that_take_any_dtype_are_not_refused() -> None:
+    images = torch.rand(3, 1, 4, 4)
+    check_model_dtype(images.double(), torch.nn.Flatten())
+    check_model_dtype(images, _CastingClassifier())
+    assert predict(_CastingClassifier(), images).shape == (3,)

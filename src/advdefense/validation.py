@@ -7,16 +7,19 @@ stack trace deep inside a model or an attack.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
+from torch import nn
 
 from advdefense.errors import InputError
+from advdefense.modes import evaluation_mode
 
 __all__ = [
     "check_choices",
     "check_images",
     "check_labels",
+    "check_model_dtype",
     "check_positive_int",
     "check_probability",
 ]
@@ -66,6 +69,35 @@ def check_images(
             "models take unnormalized pixels (normalization lives inside the model)"
         )
     return images
+
+
+def check_model_dtype(
+    images: torch.Tensor,
+    model: nn.Module,
+    name: str = "images",
+    *,
+    forward: Callable[[torch.Tensor], object] | None = None,
+) -> None:
+    """Check that ``model`` takes ``images`` of their dtype.
+
+    Images of another floating dtype than the model's parameters fail deep inside the first
+    layer ("mat1 and mat2 must have the same dtype"), unless the model converts them itself.
+    So on a mismatch, ``forward`` (default: the model) runs on the first image, in eval mode
+    without gradients, and a failure becomes an :class:`InputError` naming the fix.
+    """
+    weights = (tensor for tensor in model.parameters() if tensor.is_floating_point())
+    reference = next(weights, None)
+    if reference is None or images.dtype == reference.dtype:
+        return
+    try:
+        with torch.no_grad(), evaluation_mode(model):
+            (forward or model)(images[:1].to(reference.device))
+    except RuntimeError as error:
+        raise InputError(
+            f"{name} have dtype {images.dtype} but the model's weights are {reference.dtype}, "
+            f"and the model fails on them ({error}); convert the images with "
+            f"{name}.to({reference.dtype}), or the model with model.to({images.dtype})"
+        ) from error
 
 
 def check_labels(

@@ -66,7 +66,7 @@ from advdefense.defenses.detector import Detector
 from advdefense.defenses.kde import EmbeddingDetector, class_scores_and_embedding_scores
 from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = [
     "CarliniWagnerDetectorAttack",
@@ -123,6 +123,7 @@ def _check_inputs(
     if not isinstance(detector, Detector):
         raise InputError(f"detector must be a Detector, got {type(detector).__name__}")
     check_images(images, "images", bounds=bounds)
+    check_model_dtype(images, classifier)
     check_labels(labels, "labels", batch_size=images.shape[0])
     if targets is not None:
         check_labels(targets, "targets", batch_size=images.shape[0])

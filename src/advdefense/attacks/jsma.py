@@ -51,7 +51,7 @@ from torch import nn
 from advdefense.defenses.detector import MisclassifiedAndNotRejected
 from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = [
     "JSMAResult",
@@ -194,6 +194,7 @@ def saliency_map_attack(
     check_images(images, "images", bounds=(lower, upper))
     check_labels(targets, "targets", batch_size=images.shape[0])
     if isinstance(classifier, nn.Module):
+        check_model_dtype(images, classifier)
         with evaluation_mode(classifier):
             return _attack(
                 classifier, images, targets, theta, gamma, max_iterations, scores, (lower, upper)

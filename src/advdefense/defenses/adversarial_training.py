@@ -27,7 +27,7 @@ from advdefense.errors import InputError
 from advdefense.modes import evaluation_mode
 from advdefense.training.checkpoint import EpochCheckpoint
 from advdefense.training.loop import TrainingConfig, TrainingHistory, train_classifier
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = [
     "MADRY_MNIST_TRAINING",
@@ -78,6 +78,7 @@ def pgd_linf(
     parameter gradients are accumulated. Returns detached adversarial images.
     """
     check_images(images, "images")
+    check_model_dtype(images, model)
     with torch.no_grad(), evaluation_mode(model):  # no BatchNorm statistics move
         classes = int(model(images[:1]).shape[1])
     check_labels(labels, "labels", batch_size=images.shape[0], num_classes=classes)

@@ -25,7 +25,13 @@ from torch import nn
 
 from advdefense.errors import InputError
 from advdefense.modes import device_of, evaluation_mode
-from advdefense.validation import check_images, check_labels, check_positive_int, check_probability
+from advdefense.validation import (
+    check_images,
+    check_labels,
+    check_model_dtype,
+    check_positive_int,
+    check_probability,
+)
 
 __all__ = [
     "Detector",
@@ -162,6 +168,7 @@ def detector_scores(
 ) -> torch.Tensor:
     """Scores of ``images`` (N, on the CPU) in batches, with the detector in eval mode."""
     check_images(images, "images")
+    check_model_dtype(images, detector, forward=detector.score)
     check_positive_int(batch_size, "batch_size")
     device = device_of(detector)
     with evaluation_mode(detector):

@@ -50,7 +50,7 @@ from advdefense.defenses.detector import Detector
 from advdefense.errors import CheckpointError, InputError
 from advdefense.modes import device_of, evaluation_mode
 from advdefense.registry import architecture_name, get_architecture, register_model
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = [
     "EmbeddingClassifier",
@@ -126,6 +126,7 @@ def compute_embeddings(
     """Embeddings (N x D) and predicted classes (N) of ``images``, in eval mode, on the CPU."""
     classifier = check_embedding_classifier(classifier)
     check_images(images, "images")
+    check_model_dtype(images, classifier)
     check_positive_int(batch_size, "batch_size")
     device = device_of(classifier)
     embeddings, predictions = [], []
@@ -144,6 +145,7 @@ def probe_dimensions(classifier: nn.Module, images: torch.Tensor) -> tuple[int, 
     """(embedding dimension D, number of classes K) of ``classifier``, from its first image."""
     classifier = check_embedding_classifier(classifier)
     check_images(images, "images")
+    check_model_dtype(images, classifier)
     with evaluation_mode(classifier):
         embedding = _interface(classifier).embed(images[:1].to(device_of(classifier)))
         scores = _interface(classifier).scores_from_embedding(embedding)

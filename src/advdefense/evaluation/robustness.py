@@ -6,7 +6,12 @@ import torch
 from torch import nn
 
 from advdefense.modes import device_of, evaluation_mode
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import (
+    check_images,
+    check_labels,
+    check_model_dtype,
+    check_positive_int,
+)
 
 __all__ = ["clean_accuracy", "predict"]
 
@@ -15,6 +20,7 @@ __all__ = ["clean_accuracy", "predict"]
 def predict(model: nn.Module, images: torch.Tensor, *, batch_size: int = 500) -> torch.Tensor:
     """Predicted labels (argmax of the scores) for ``images``, computed in batches."""
     check_images(images, "images")
+    check_model_dtype(images, model)
     check_positive_int(batch_size, "batch_size")
     device = device_of(model)
     with evaluation_mode(model):

@@ -41,7 +41,7 @@ from advdefense.evaluation.counting import CallCounter
 from advdefense.evaluation.store import ResultStore, model_fingerprint, record_key
 from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_binarized
 from advdefense.modes import attack_mode, device_of, evaluation_mode
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = ["CallCounter", "plan_minimal_keys", "record_settled", "run_fixed", "run_minimal"]
 
@@ -133,6 +133,7 @@ def _grid(threshold: float, points: int) -> list[float]:
 def _check_label_range(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> None:
     """Labels must name one of the model's classes: a label beyond them makes every sample
     count as broken (decision attacks) or crashes (gradient attacks)."""
+    check_model_dtype(images, model)
     with torch.no_grad(), evaluation_mode(model):
         classes = int(model(images[:1].to(device_of(model))).shape[1])
     check_labels(labels, "labels", batch_size=images.shape[0], num_classes=classes)

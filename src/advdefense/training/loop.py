@@ -16,7 +16,7 @@ from advdefense.errors import InputError, UserError
 from advdefense.modes import evaluation_mode
 from advdefense.training.checkpoint import EpochCheckpoint, TrackedRun
 from advdefense.training.graphs import CapturedStep, TrainingStep
-from advdefense.validation import check_images, check_labels, check_positive_int
+from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
 __all__ = [
     "BatchTransform",
@@ -103,6 +103,7 @@ def train_classifier(
     not part of the run's identity: a run started on a GPU resumes on the CPU.
     """
     check_images(images, "images")
+    check_model_dtype(images, model)
     check_labels(labels, "labels", batch_size=images.shape[0])
     device = device or next(model.parameters()).device
     if cuda_graph and device.type != "cuda":
