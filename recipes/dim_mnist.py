@@ -43,7 +43,8 @@ import json
 import math
 import re
 import time
-from collections.abc import Collection, Sequence
+from collections import Counter
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -518,6 +519,19 @@ def _broken_within(distances: Any, threshold: float) -> list[bool]:
     return [bool(b) for b in broken_at(np.asarray(distances, dtype=np.float64), threshold)]
 
 
+def _common_n(
+    setting: Setting, summaries: Sequence[Mapping[Any, ModelSummary | FixedSummary]]
+) -> int:
+    """The n most of the table's quick and fixed-mode runs used (on a tie ``setting.n``, else
+    the largest; ``setting.n`` if none ran): the runs' own n, so that a later command at
+    another ``--n`` (dim42 at 200) does not relabel them."""
+    counts = Counter(summary.n for runs in summaries for summary in runs.values())
+    if not counts:
+        return setting.n
+    most = max(counts.values())
+    return max(counts, key=lambda n: (counts[n] == most, n == setting.n, n))
+
+
 def render_true_robustness(setting: Setting) -> str:
     """Per model and norm: paper protocol (dim42), quick, the fixed-mode stages (quick +
     adaptive; PGD and PGD 5x longer with restarts), and the worst case over them all."""
@@ -534,6 +548,7 @@ def render_true_robustness(setting: Setting) -> str:
         "PGD, then 5x steps and 5 restarts | worst case over the stages |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    common_n = _common_n(setting, [quick, *fixed.values()])
     for name in MODELS:
         for norm in ("linf", "l2"):
             threshold = setting.thresholds[norm]
@@ -541,7 +556,7 @@ def render_true_robustness(setting: Setting) -> str:
             paper, quick_summary, *kept = _same_weights(dim42.get(name), quick.get(name), *found)
             runs = (quick_summary, *kept)
             counts = sorted({s.n for s in runs if s is not None})
-            label = name if counts in ([], [setting.n]) else f"{name} (n = {_listed(counts)})"
+            label = name if counts in ([], [common_n]) else f"{name} (n = {_listed(counts)})"
             cells = [label, norm, f"{threshold:g}"]
             clean = quick_summary.clean_accuracy if quick_summary else math.nan
             cells.append(_percent(clean))
@@ -556,7 +571,7 @@ def render_true_robustness(setting: Setting) -> str:
     lines.append("")
     lines.append(
         f"Accuracy in percent [95% Wilson interval]. quick and the fixed-mode stages: first "
-        f"n = {setting.n} test samples of {setting.dataset} (a model's own n, where it "
+        f"n = {common_n} test samples of {setting.dataset} (a model's own n, where it "
         f"differs, beside its name); dim42: first {setting.dim42_n}. "
         "The fixed-mode stages run each attack only on what is still robust: quick + adaptive "
         "(DESIGN.md §3.4), and PGD followed by PGD with 5x the steps and 5 random restarts "

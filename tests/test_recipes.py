@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -292,6 +293,13 @@ def test_dim_tables_keep_models_not_yet_rerun_at_a_new_n(tmp_path: Path) -> None
     truth = (tmp_path / "true_robustness.md").read_text()
     assert "| cnn (n = 6) | linf |" in truth  # still reported, at its own n
     assert "| dim | linf |" in truth  # at the setting's n = 12
+    # a later command at another n (dim42 at 200 after quick at 1,000) relabels nothing: the
+    # table names the n its runs used
+    recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "cnn", models["cnn"])
+    recipe.write_tables(replace(setting, images=setting.images[:6], labels=setting.labels[:6]))
+    truth = (tmp_path / "true_robustness.md").read_text()
+    assert "| cnn | linf |" in truth and "| dim | linf |" in truth
+    assert "first n = 12 test samples" in truth
 
 
 def test_dim_tables_do_not_merge_stages_of_a_retrained_model(tmp_path: Path) -> None:
