@@ -1,4 +1,4 @@
-"""Recipe: the DIM paper (Yang et al.) reproduced with our harness, then attacked adaptively.
+"""Recipe: the DIM paper (Liu et al. 2022) reproduced with our harness, then attacked adaptively.
 
 Run with ``advdefense reproduce dim_mnist [--n 1000] [--out results]``. For each dataset (full
 MNIST when its files are present, else the embedded ``mnist-sample``; then Fashion-MNIST when

@@ -1,4 +1,4 @@
-"""DIM family (Yang et al., Sec. 3.2, Appendix A.1.1): architecture, scores, training, I/O."""
+"""DIM family (Liu et al. 2022, Sec. 3.2, Appendix A.1.1): architecture, scores, training, I/O."""
 
 from __future__ import annotations
 
@@ -150,6 +150,22 @@ def test_scores_are_relative_l1_intensities_eq3(name: str) -> None:
         ) / denoised.abs().sum(1, keepdim=True)
         torch.testing.assert_close(model(images), expected)
         torch.testing.assert_close(model.denoise(images).flatten(1), denoised)
+
+
+def test_a_black_denoised_image_keeps_the_argmax_and_sane_surrogate_gradients() -> None:
+    """Eq. 3 divides by ||D(x)||_1, zero where biDIM's binarized D(x) is black: the floor of one
+    pixel keeps the prediction of the raw intensities and gradients of ordinary size."""
+    torch.manual_seed(0)
+    model = BiDIM().eval()
+    with torch.no_grad():  # a denoiser that outputs black: every decoder output near 0
+        model.denoiser.decoder.layers[-2].bias.fill_(-20.0)
+    images = torch.rand(2, 1, 28, 28, requires_grad=True)
+    assert float(model.denoise(images).abs().sum()) == 0.0
+    raw = model.scores(images, normalized=False)
+    torch.testing.assert_close(model(images), raw)  # divided by the floor, 1.0
+    surrogate = model.attack_declaration().surrogates["bpda-identity"]
+    surrogate(images).max(1).values.sum().backward()
+    assert images.grad is not None and float(images.grad.abs().max()) < 1e3
 
 
 def test_bidim_binarizes_input_and_denoiser_output() -> None:

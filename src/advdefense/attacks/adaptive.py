@@ -61,7 +61,12 @@ def margin_loss(scores: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
 
 def dlr_loss(scores: torch.Tensor, classes: torch.Tensor, *, targeted: bool) -> torch.Tensor:
     """Per sample DLR loss (Croce & Hein 2020, Eq. 6 and its targeted form); needs K >= 4
-    when targeted, K >= 3 otherwise."""
+    when targeted, K >= 3 otherwise.
+
+    Targeted, the numerator is ``max_{j != t} z_j - z_t`` rather than the paper's ``z_y - z_t``:
+    the same while the true class ``y`` leads the others, and it keeps pushing once another
+    class overtakes ``y`` (the scale is the paper's).
+    """
     needed = 4 if targeted else 3
     if scores.shape[1] < needed:
         raise InputError(

@@ -1,4 +1,4 @@
-"""Denoised Internal Models (DIM, biDIM) and their ablations (Yang et al., ICLR 2022 submission).
+"""Denoised Internal Models (DIM, biDIM) and their ablations (Liu et al. 2022, MIR 19(5)).
 
 A fully connected denoiser ``D`` (Sec. 3.2.1) feeds one autoencoder ``F_i`` per class
 (Sec. 3.2.2); the score of class ``i`` is the relative L1 intensity of Eq. 3,
@@ -27,14 +27,18 @@ Choices the paper leaves open, recorded in :class:`DIMConfig`:
 * Eq. 2's indicator is written the wrong way round in the paper (``I_i(x) = 0`` for class i);
   the text is clear that ``F_i`` reconstructs its own class and outputs black otherwise, which is
   what :mod:`advdefense.training.dim` trains.
-* A black ``D(x)`` makes Eq. 3 undefined; the denominator is clamped at ``1e-8``.
+* A black ``D(x)`` makes Eq. 3 undefined; the denominator is floored at one pixel's intensity
+  (1.0; the argmax is unchanged). biDIM's binarized ``D(x)`` is black on 46 of Fashion-MNIST's
+  first 1,000 test images, and the earlier floor of ``1e-8`` (until 2026-12-03) scaled its
+  surrogates' gradients there by about 1e8, which misleads attacks that use their size.
 
 How to attack them (:meth:`InternalModelClassifier.attack_declaration`): biDIM's binarization
 has zero gradient, so it declares the paper's sigmoid proxies (Appendix A.2) and BPDA with the
 identity as surrogates, and its binarization threshold for the fine-tune projection. Every
 variant offers the score view ``internal-intensity``, the un-normalized ``||F_i(D(x))||_1``
-(same argmax as Eq. 3), for the internal attack that maximizes ``||F_t|| - ||F_y||``. Every
-model here is deterministic.
+(same argmax as Eq. 3), for the internal attack: targeted, it maximizes
+``||F_t|| - max_{j != t} ||F_j||`` (the margin form of ``||F_t|| - ||F_y||``, which it equals while
+``y`` leads the other classes). Every model here is deterministic.
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ __all__ = [
     "SingleHeadIM",
 ]
 
-_EPSILON = 1e-8
+_MIN_DENOISED_INTENSITY = 1.0  # Eq. 3's denominator: one pixel at full intensity
 
 
 @dataclass(frozen=True)
@@ -220,7 +224,9 @@ class InternalModelClassifier(nn.Module):
         intensity = self.apply_internal_models(denoised).abs().sum(dim=2)
         if not normalized:
             return intensity
-        return intensity / denoised.abs().sum(dim=1, keepdim=True).clamp_min(_EPSILON)
+        return intensity / denoised.abs().sum(dim=1, keepdim=True).clamp_min(
+            _MIN_DENOISED_INTENSITY
+        )
 
     def attack_declaration(self) -> AttackDeclaration:
         """Surrogates (biDIM: sigmoid proxies and BPDA) and the ``internal-intensity`` view."""

@@ -1,6 +1,6 @@
 """Fully connected building blocks: a multilayer perceptron and an MLP autoencoder.
 
-Used by the DIM family (Yang et al., "Denoised Internal Models", Appendix A.1.1), whose denoiser
+Used by the DIM family (Liu et al. 2022, "Denoised Internal Models", Appendix A.1.1), whose denoiser
 and internal models are both stacks of linear layers with ReLU between them and a chosen
 activation (linear or Tanh) after the last one.
 """

@@ -1,4 +1,4 @@
-"""Training recipe of the DIM family (Yang et al., Sec. 3.2 Eq. 1-2, Appendix A.1.1).
+"""Training recipe of the DIM family (Liu et al. 2022, Sec. 3.2 Eq. 1-2, Appendix A.1.1).
 
 Two stages, each with Adam (lr 1e-3) on mean squared error:
 
