@@ -161,6 +161,7 @@ def test_detector_attack_summary_by_hand() -> None:
     # every sample broken: mean L2 (2 + 6 + 4) / 3 = 4 over sqrt(4 input values)
     assert summary.distortion == pytest.approx(2.0)
     assert (summary.attacked, summary.done, summary.successes, summary.pairs) == (3, 3, 3, 3)
+    assert summary.protocol_successes == 3  # rounds 0 and 1 are the paper's
     # adversarial scores 0.5, 1.5, 2.5 vs clean 1.0, 2.0, 1.5: 0 + (1 + 1/2) + 3 of 9 pairs
     assert summary.auc == pytest.approx(0.5)
     assert summary.rounds == 2
@@ -186,6 +187,13 @@ def test_detector_attack_summary_by_hand() -> None:
     )
     summary = recipe.summarize_detector_attack({**state, "rounds": exhausted})
     assert (summary.done, summary.successes, summary.rounds) == (3, 2, recipe.WHITE_BOX_ROUNDS)
+    # broken only in the last round (ours, from an accepted training image): in d, not in the
+    # paper's rounds' d, which keeps samples 0 and 2, mean L2 (2 + 4) / 2 over sqrt(4)
+    assert (summary.protocol_successes, summary.protocol_distortion) == (2, pytest.approx(1.5))
+    late = [*exhausted[:-1], {"samples": [1], "batches": {"0": retry["batches"]["0"]}}]
+    summary = recipe.summarize_detector_attack({**state, "rounds": late})
+    assert (summary.successes, summary.distortion) == (3, pytest.approx(2.0))
+    assert (summary.protocol_successes, summary.protocol_distortion) == (2, pytest.approx(1.5))
     # with every test image's clean score kept, the normal group is all attacked ones (a
     # partial run estimates the final AUC): the fooled adversarial 2.5 of the finished batch
     # vs 1.0, 2.0, 1.5 and 3.0 (sample 3 not done yet; sample 4 not attacked): 3 of 4 pairs
@@ -252,7 +260,7 @@ def test_tables_render_before_anything_ran(tmp_path: Path) -> None:
     assert _row(table1, "| pdm |")[1:4] == ["not run", "99.52", "—"]
     assert "paper (mnist; the paper does not evaluate fashion-mnist)" in table1
     assert _row((tmp_path / "table2.md").read_text(), "| JSMA |")[1:4] == ["not run", "0.995", "—"]
-    assert _row((tmp_path / "table3.md").read_text(), "| rce |")[5] == "0.104"
+    assert _row((tmp_path / "table3.md").read_text(), "| rce |")[6] == "0.104"
     assert _row((tmp_path / "table4.md").read_text(), "| pdm |")[8] == "0.990"
     assert not (tmp_path / "fig2_tsne.png").exists()
 
