@@ -80,6 +80,9 @@ def test_siamese_loss_needs_zero_one_pair_labels() -> None:
     embeddings = torch.rand(2, 4)
     with pytest.raises(InputError, match=r"only zeros and ones .*\[-1\.0, 2\.0\]"):
         siamese_cosine_loss(embeddings, embeddings, torch.tensor([2.0, -1.0]))
+    empty = torch.rand(0, 4)
+    with pytest.raises(InputError, match="needs at least one pair"):  # not a silent NaN
+        siamese_cosine_loss(empty, empty, torch.zeros(0))
 
 
 def test_dim_config_refuses_non_integer_sizes() -> None:

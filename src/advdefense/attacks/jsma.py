@@ -22,8 +22,9 @@ Sec. 4): ``theta = 1.0``, ``gamma = 1.0`` (its class defaults; its MNIST tutoria
 of the features strictly inside the bound ``theta`` moves towards. The PDM paper (Appendix C)
 caps the attack at 100 iterations (``max_iterations``). Untargeted use (PDM Sec. 4): as
 Cleverhans does when ``y_target`` is None, each sample gets a target drawn uniformly from the
-classes other than its label (:func:`random_targets`), and success still means reaching that
-target; the attack stops there, not at the first misclassification.
+classes other than its label (:func:`random_targets`), and the attack stops on reaching that
+target, not at the first misclassification; what counts as success is the caller's rule (the
+evaluation harness counts any misclassification, as for every untargeted attack).
 
 One deliberate difference from Cleverhans' vectorized code: a sample with no admissible pair
 stops (Cleverhans' ``argmax`` of an all-zero score map then modifies feature 0 twice, an

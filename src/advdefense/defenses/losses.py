@@ -99,6 +99,8 @@ def siamese_cosine_loss(
     """
     first = _check_embeddings(first, "first")
     second = _check_embeddings(second, "second")
+    if first.shape[0] == 0:
+        raise InputError("first and second are empty: the Siamese loss needs at least one pair")
     if first.shape != second.shape:
         raise InputError(
             f"first and second must have the same shape, got {tuple(first.shape)} and "
