@@ -376,3 +376,19 @@ def test_a_retrain_into_other_weights_is_announced(
     printed = capsys.readouterr().out
     assert "cnn: test accuracy" in printed
     assert "bit for bit" not in printed and "not the ones" not in printed
+
+
+def test_dim_worst_case_on_dim42_samples_and_on_every_sample(tmp_path: Path) -> None:
+    """dim42 runs on the first 200 of 1,000: one worst case on those 200 (every stage ran on
+    them), one on all 1,000 with dim42 counting on its 200."""
+    recipe, setting, models = _toy_dim_setting(tmp_path)
+    cnn = models["cnn"]
+    recipe._evaluate(setting, "dim42", _run(tmp_path, "quick", "minimal", 6), "cnn", cnn)
+    recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "cnn", cnn)
+    recipe.write_tables(setting)
+    truth = (tmp_path / "true_robustness.md").read_text()
+    row = next(line for line in truth.splitlines() if line.startswith("| cnn | linf |"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    # levels beyond 0.3 of 0.5: 2 of dim42's 6, 4 of the 12
+    assert cells[4] == "33.3 [10, 70]" and cells[5] == "33.3 [14, 61]"
+    assert cells[8:] == ["33.3 [10, 70]*", "33.3 [14, 61]*"]  # no fixed-mode stage yet
