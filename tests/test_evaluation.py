@@ -1255,11 +1255,12 @@ def test_markdown_helpers() -> None:
     assert percent_with_interval(0, 0) == "—"
     assert percent_with_interval(0, 200) == "0.0 [0, 2]"  # Wilson: [0, 1.88%]
     assert percent_with_interval(90, 200) == "45.0 [38, 52]"
-    # bounds that would round to 0 or 100 without being there keep their size
+    # bounds round outwards, to the first digit that keeps them off 0 or 100 where they are not
     assert percent_with_interval(0, 1000) == "0.0 [0, 0.4]"  # Wilson: [0, 0.38%]
-    assert percent_with_interval(1, 1000) == "0.1 [0.02, 1]"
-    assert percent_with_interval(1000, 1000) == "100.0 [99.6, 100]"
-    assert percent_with_interval(999, 1000) == "99.9 [99, 99.98]"
+    assert percent_with_interval(1, 1000) == "0.1 [0.01, 0.6]"  # [0.018%, 0.56%]
+    assert percent_with_interval(1000, 1000) == "100.0 [99.6, 100]"  # [99.62%, 100]
+    assert percent_with_interval(999, 1000) == "99.9 [99.4, 99.99]"  # [99.44%, 99.982%]
+    assert percent_with_interval(3, 12) == "25.0 [8, 54]"  # [8.9%, 53.2%]: not [9, 53]
 
 
 # A run directory never hands back results computed on something else, and a refused or failed
@@ -1426,8 +1427,8 @@ def test_binarizing_entries_finished_before_the_selection_fix_are_redone(tmp_pat
     for model, redone in ((BiDIM(), True), (AbsCNN(), False)):
         identity = run_module._identity(model, None)
         before = {"complete": True, "keys": [], "fingerprint": identity["fingerprint"]}
-        assert run_module._finished(before, identity, store) is not redone
-        assert run_module._finished({**before, **identity}, identity, store)
+        assert run_module._finished(before, identity, store, DETERMINISTIC) is not redone
+        assert run_module._finished({**before, **identity}, identity, store, DETERMINISTIC)
 
 
 def test_records_chosen_by_a_surrogate_are_flagged(tmp_path: Path) -> None:
@@ -1450,3 +1451,32 @@ def test_records_chosen_by_a_surrogate_are_flagged(tmp_path: Path) -> None:
     assert len(flags) == 1 and flags[0].startswith("linf-pgd-long: ran on surrogates")
     assert run_module.SURROGATE_CHOICE_FLAG in flags[0]
     assert run_module._surrogate_choice_flags(store, {"keys": ["new", "plain"]}) == []
+
+
+@pytest.mark.parametrize("mode", ["minimal", "fixed"])
+def test_an_attack_changed_under_the_same_suite_version_runs_again(
+    tmp_path: Path, mode: str
+) -> None:
+    """A finished model is redone when an attack's parameters changed without a suite version
+    bump: its records were computed by another attack than the suite now names."""
+    images, labels = _data()
+    extra: dict[str, Any] = {"norm": "linf", "epsilon": 0.1} if mode == "fixed" else {}
+    suite = _suite("linf-pgd", "l2-deepfool")
+    arguments = (images, labels, suite, _config(mode, **extra), tmp_path)
+    evaluate_models({"b": Brightness().eval()}, *arguments, progress=False)
+    written = len((tmp_path / "records.jsonl").read_text().splitlines())
+    evaluate_models({"b": Brightness().eval()}, *arguments, progress=False)  # finished: stands
+    assert len((tmp_path / "records.jsonl").read_text().splitlines()) == written
+    pgd = get_attack("linf-pgd")
+    shorter = dataclasses.replace(pgd, parameters={**pgd.parameters, "steps": 5})
+    changed = dataclasses.replace(suite, entries=(shorter, *suite.entries[1:]))
+    evaluate_models(
+        {"b": Brightness().eval()}, images, labels, changed, *arguments[3:], progress=False
+    )
+    records = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert len(records) > written
+    assert {
+        r["parameters"].get("steps") for r in records[written:] if r["attack"] == "linf-pgd"
+    } == {5}
+    summary = load_run(tmp_path).summaries[0]
+    assert summary.model == "b"

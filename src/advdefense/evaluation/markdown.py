@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 from advdefense.evaluation.metrics import wilson_interval
@@ -21,16 +22,19 @@ def percent_with_interval(count: int, total: int) -> str:
     if total == 0:
         return "—"
     low, high = wilson_interval(count, total)
-    return f"{100 * count / total:.1f} [{_bound(100 * low)}, {_bound(100 * high)}]"
+    shown = f"{_bound(100 * low, upward=False)}, {_bound(100 * high, upward=True)}"
+    return f"{100 * count / total:.1f} [{shown}]"
 
 
-def _bound(percent: float) -> str:
-    """A bound in whole percent, or finer where rounding would reach 0 or 100 without being
-    there (0/1000 gives [0, 0.4], not [0, 0])."""
-    whole = f"{percent:.0f}"
-    exact = min(abs(percent), abs(percent - 100)) < 1e-9  # 0 or 100 up to rounding error
-    if whole == "0" and not exact:
-        return f"{percent:.1g}"
-    if whole == "100" and not exact:
-        return f"{percent:.1f}" if f"{percent:.1f}" != "100.0" else f"{percent:.2f}"
-    return whole
+def _bound(percent: float, *, upward: bool) -> str:
+    """A bound rounded outwards (the shown interval contains the computed one): in whole
+    percent, or to the first digit that keeps it off 0 or 100 where it is not there
+    (0/1000 gives [0, 0.4], not [0, 0] or [0, 1])."""
+    if abs(percent) < 1e-9 or abs(percent - 100) < 1e-9:
+        return f"{round(percent):.0f}"
+    distance = min(percent, 100 - percent)
+    decimals = max(0, -math.floor(math.log10(distance))) if distance < 1 else 0
+    scale = 10**decimals
+    step = math.ceil if upward else math.floor
+    value = step(percent * scale + (-1e-9 if upward else 1e-9)) / scale
+    return f"{value:.{decimals}f}"

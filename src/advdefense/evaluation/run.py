@@ -36,6 +36,7 @@ from advdefense.evaluation.runner import (
     SURROGATE_SELECTION,
     picks_among_candidates,
     plan_minimal_keys,
+    ran_as_entry,
     record_settled,
     run_fixed,
     run_minimal,
@@ -235,7 +236,7 @@ def _evaluate_into(
     entries = _models_already_in(run_dir, config)
     for name, model in models.items():
         identity = _identity(model, detectors.get(name))
-        if _finished(entries.get(name), identity, store):
+        if _finished(entries.get(name), identity, store, suite):
             continue  # its records and detection stand (adversarials may not be checked out)
         flags = model_flags(model, images, labels)
         if config.mode == "minimal":
@@ -325,10 +326,14 @@ def _identity(model: nn.Module, detector: Detector | None) -> dict[str, str]:
 
 
 def _finished(
-    entry: Mapping[str, Any] | None, identity: Mapping[str, str], store: ResultStore
+    entry: Mapping[str, Any] | None,
+    identity: Mapping[str, str],
+    store: ResultStore,
+    suite: AttackSuite,
 ) -> bool:
     """Whether ``entry`` (from the run file, same configuration) is complete for ``identity``
-    with every record in ``store``.
+    with every record in ``store``, each computed by the attack of that id in ``suite`` as it
+    is now (an attack whose parameters changed under the same suite version runs again).
 
     An entry finished without detection is unfinished when a detector is now given; entries
     written before detector fingerprints were recorded match on the model alone (the recipes
@@ -337,6 +342,12 @@ def _finished(
         return False
     if not all(record_settled(store, key) for key in entry.get("keys", [])):
         return False
+    attacks = {attack.id: attack for attack in suite.entries}
+    for key in entry.get("keys", []):
+        record = store.get(key) or {}
+        attack = attacks.get(record.get("attack", ""))
+        if attack is None or not ran_as_entry(record, attack):
+            return False
     if "detector_fingerprint" in identity and entry.get("detection") is None:
         return False  # finished without a detector: its detection is still to compute
     return all(

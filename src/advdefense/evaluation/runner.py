@@ -17,10 +17,11 @@ pass, and count forward/backward calls and wall time per attack and batch.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,14 @@ from advdefense.evaluation.targets import AttackTarget, attack_targets, refine_b
 from advdefense.modes import attack_mode, device_of, evaluation_mode
 from advdefense.validation import check_images, check_labels, check_model_dtype, check_positive_int
 
-__all__ = ["CallCounter", "plan_minimal_keys", "record_settled", "run_fixed", "run_minimal"]
+__all__ = [
+    "CallCounter",
+    "plan_minimal_keys",
+    "ran_as_entry",
+    "record_settled",
+    "run_fixed",
+    "run_minimal",
+]
 
 NORM_TOLERANCE = 1e-5
 SKIPPED = "skipped:"  # an attack's error when it has nothing to run on (final, never retried)
@@ -124,6 +132,17 @@ def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
         "restarts": entry.restarts,
         "start_from": entry.start_from,
     }
+
+
+#: The fields of a record that say how its attack ran (its class may move between modules).
+_SETTINGS = ("norm", "parameters", "restarts", "start_from")
+
+
+def ran_as_entry(record: Mapping[str, Any], entry: AttackEntry) -> bool:
+    """Whether ``record`` was computed with ``entry``'s current norm, parameters, restarts and
+    starting points (False after any of them changed under the same suite version)."""
+    current = json.loads(json.dumps(_entry_fields(entry)))
+    return all(record.get(field) == current[field] for field in _SETTINGS)
 
 
 def _grid(threshold: float, points: int) -> list[float]:
