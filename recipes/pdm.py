@@ -34,7 +34,7 @@ the expensive stages follow model by model (every stage resumable, tables rewrit
    clusters show); samples that fail are attacked again with a larger
    constant (``WHITE_BOX_ROUNDS``), "until every example fools the classifier and evades
    detection", and last in three rounds of our own (:func:`white_box_round`). Reported:
-   ``d = mean ||x - x_adv||_2 / sqrt(number of input values)`` over the
+   ``d = mean ||x - x_adv||_2 / sqrt(pixels per image)`` over the
    successes, and the AUC. ``attack_batch`` samples at a time (``--attack-batch``; default
    ``WHITE_BOX_BATCH`` on a CPU, all of them at once on a GPU), taking the models in turn
    (each batch saved when done), so that every model has results early. Samples are attacked
@@ -865,12 +865,16 @@ def _detector_attack(
         median = float(detector_scores(attacker_kde, images[correct]).median())
         state = {
             **dict(zip(_STATE_KEY, key, strict=True)),
-            "input_values": math.prod(images.shape[1:]),
+            "pixels": image_pixels(images),
             "attacked": [index for index, ok in enumerate(correct.tolist()) if ok],
             "targets": targets.tolist(),
             "thresholds": [median] * len(images),
             "rounds": [],
         }
+        _write_json(path, state)
+    if "pixels" not in state:  # the distortion's scale (older caches kept input values)
+        state.pop("input_values", None)
+        state["pixels"] = image_pixels(images)
         _write_json(path, state)
     if "clean_scores" not in state:  # the AUC's normal group (added to older caches)
         state["clean_scores"] = detector_scores(defended.kde, images).tolist()
@@ -1464,6 +1468,23 @@ def _detail_rows(
     return rows
 
 
+def image_pixels(images: torch.Tensor) -> int:
+    """Pixels per image of an ``(N, C, H, W)`` batch: ``H * W``, the ``n`` of Table 3's ``d``."""
+    return math.prod(images.shape[-2:])
+
+
+def distortion_scale(state: Mapping[str, Any]) -> float:
+    """The divisor of Table 3's ``d = mean ||x - x_adv||_2 / sqrt(n)`` (§4, "n is the number
+    of pixels per image"): ``sqrt(n)`` of a white-/black-box cache."""
+    if "pixels" not in state:
+        raise ValueError(
+            "this C&W-wb cache records no 'pixels' (the images' height x width); run its stage "
+            "again (`advdefense reproduce pdm --stages whitebox|blackbox`), which adds it and "
+            "keeps every finished batch"
+        )
+    return math.sqrt(float(state["pixels"]))
+
+
 class DetectorAttackSummary(NamedTuple):
     """The C&W-wb results of one model so far (Tables 3 and 4)."""
 
@@ -1471,7 +1492,7 @@ class DetectorAttackSummary(NamedTuple):
     done: int  # attacked samples with a result
     successes: int
     pairs: int  # adversarial misclassified by the defended model
-    distortion: float  # mean L2 / sqrt(input values) over the successes
+    distortion: float  # mean L2 / sqrt(pixels) over the successes
     auc: float  # of the defended KDE, the pairs' adversarials vs the clean; nan without pairs
     rounds: int
     # of the defended KDE, every successful adversarial (transferred or not) vs the clean
@@ -1494,13 +1515,17 @@ def summarize_detector_attack(state: Mapping[str, Any]) -> DetectorAttackSummary
     fooled = np.asarray([r["predictions"] != r["labels"] for r in records], dtype=bool)
     clean = np.asarray([r["clean_scores"] for r in records], dtype=np.float64)
     adversarial = np.asarray([r["adversarial_score"] for r in records], dtype=np.float64)
-    scale = math.sqrt(float(state.get("input_values", 1)))
-    distortion = float(np.mean(distances[success]) / scale) if success.any() else math.nan
     early = [r["round"] < WHITE_BOX_GUIDED_ROUND for r in records]
     protocol = success & np.asarray(early, dtype=bool)
-    protocol_distortion = (
-        float(np.mean(distances[protocol]) / scale) if protocol.any() else math.nan
-    )
+
+    def mean_d(chosen: np.ndarray) -> float:
+        return (
+            float(np.mean(distances[chosen]) / distortion_scale(state))
+            if chosen.any()
+            else math.nan
+        )
+
+    distortion, protocol_distortion = mean_d(success), mean_d(protocol)
     attacked = state.get("attacked", [])
     normal = (
         np.asarray(state["clean_scores"], dtype=np.float64)[attacked]
@@ -1536,9 +1561,11 @@ def render_batches(state: Mapping[str, Any], name: str) -> list[list[str]]:
     rounds and the mean and largest L2 distance and ``d`` over its successes; then a row of
     the model's totals."""
     finished = finished_batches(state)
+    if not finished:
+        return []
     records = final_records(state)
     rounds = state.get("rounds", [])
-    scale = math.sqrt(float(state.get("input_values", 1)))
+    scale = distortion_scale(state)
     rows: list[list[str]] = []
     totals = [0] * WHITE_BOX_ROUNDS
     seconds_total = 0.0
@@ -1667,9 +1694,9 @@ def render_table3(directory: Path, dataset: str) -> str:
         "threshold); last, phase 1 skipped, phase 2 starts at the training image nearest to "
         "the original among those classified as the target that the KDE accepts, and draws "
         "it closer. attacked: correctly classified among the first min(n, 200) test samples. "
-        "d = mean ||x - x_adv||_2 / sqrt(number of input "
-        "values) over the successes (the paper's Table 3 scale; the paper says pixels, the same "
-        f"number on one-channel images). The paper's rounds are rounds 0 to "
+        "d = mean ||x - x_adv||_2 / sqrt(pixels per image) over the successes (the paper's "
+        "Table 3 scale; pixels are height x width, colour channels not counted). "
+        f"The paper's rounds are rounds 0 to "
         f"{WHITE_BOX_GUIDED_ROUND - 1}: success % in brackets and 'd, paper's rounds' count "
         "only their successes, the samples that protocol breaks, likely the easier ones. "
         "d counts every success, including round 5's, which start at a training image the "

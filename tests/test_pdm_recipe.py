@@ -106,9 +106,9 @@ def test_per_batch_breakdown_by_hand() -> None:
         }
     }
     retry = {"batches": {"0": batch([1], [True], [6.0], 5.0)}}
-    state = {"input_values": 4, "rounds": [first, retry]}
+    state = {"pixels": 4, "rounds": [first, retry]}
     zeros = ["0"] * (recipe.WHITE_BOX_ROUNDS - 2)
-    # d: mean L2 over the successes / sqrt(4 input values)
+    # d: mean L2 over the successes / sqrt(4 pixels)
     assert recipe.render_batches(state, "pdm") == [
         ["pdm", "0-1", "1", "1", *zeros, "15", "4.00", "6.00", "2.000"],
         ["pdm", "2-2", "1", "0", *zeros, "3", "4.00", "4.00", "2.000"],
@@ -156,9 +156,9 @@ def test_detector_attack_summary_by_hand() -> None:
             }
         },
     }
-    state = {"input_values": 4, "attacked": [0, 1, 2], "rounds": [first_round, retry]}
+    state = {"pixels": 4, "attacked": [0, 1, 2], "rounds": [first_round, retry]}
     summary = recipe.summarize_detector_attack(state)
-    # every sample broken: mean L2 (2 + 6 + 4) / 3 = 4 over sqrt(4 input values)
+    # every sample broken: mean L2 (2 + 6 + 4) / 3 = 4 over sqrt(4 pixels)
     assert summary.distortion == pytest.approx(2.0)
     assert (summary.attacked, summary.done, summary.successes, summary.pairs) == (3, 3, 3, 3)
     assert summary.protocol_successes == 3  # rounds 0 and 1 are the paper's
@@ -232,7 +232,7 @@ def test_black_box_auc_with_and_without_the_untransferred(tmp_path: Path) -> Non
         return [{"samples": [0, 1, 2], "batches": {"0": first}}, *retries]
 
     state = {
-        "input_values": 4,
+        "pixels": 4,
         "attacked": [0, 1, 2],
         "clean_scores": [1.0, 2.0, 0.0],
         "rounds": finished(batch),
@@ -692,7 +692,17 @@ def test_colour_images_take_the_same_path(tmp_path: Path, monkeypatch: pytest.Mo
     adaptive = json.loads((tmp_path / "runs" / "adaptive" / "pdm.json").read_text())
     assert adaptive["attacks"]["orthogonal-linf"]["epsilon"] == pytest.approx(8 / 255)
     recipe._whitebox(setting, "pdm", defended)
-    assert (tmp_path / "runs" / "whitebox" / "pdm.json").is_file()
+    whitebox = json.loads((tmp_path / "runs" / "whitebox" / "pdm.json").read_text())
+    assert whitebox["pixels"] == 16 * 16  # Table 3's n: pixels, not the 768 input values
+
+
+def test_distortion_scale_counts_pixels_and_names_the_fix_for_old_caches() -> None:
+    """§4: d divides by sqrt(pixels per image); a cache without the count says how to add it."""
+    recipe = _recipe()
+    assert recipe.image_pixels(torch.zeros(2, 3, 32, 32)) == 1024
+    assert recipe.distortion_scale({"pixels": 1024}) == 32.0
+    with pytest.raises(ValueError, match="--stages whitebox"):
+        recipe.distortion_scale({"input_values": 3072})
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -34,9 +34,10 @@ from advdefense.evaluation.detector_claims import detection_claim_flags
 from advdefense.evaluation.robustness import predict
 from advdefense.evaluation.runner import (
     SURROGATE_SELECTION,
+    entry_settings,
     picks_among_candidates,
     plan_minimal_keys,
-    ran_as_entry,
+    ran_with,
     record_settled,
     run_fixed,
     run_minimal,
@@ -342,11 +343,11 @@ def _finished(
         return False
     if not all(record_settled(store, key) for key in entry.get("keys", [])):
         return False
-    attacks = {attack.id: attack for attack in suite.entries}
+    settings = {attack.id: entry_settings(attack) for attack in suite.entries}
     for key in entry.get("keys", []):
         record = store.get(key) or {}
-        attack = attacks.get(record.get("attack", ""))
-        if attack is None or not ran_as_entry(record, attack):
+        current = settings.get(record.get("attack", ""))
+        if current is None or not ran_with(record, current):
             return False
     if "detector_fingerprint" in identity and entry.get("detection") is None:
         return False  # finished without a detector: its detection is still to compute

@@ -46,8 +46,9 @@ from advdefense.validation import check_images, check_labels, check_model_dtype,
 
 __all__ = [
     "CallCounter",
+    "entry_settings",
     "plan_minimal_keys",
-    "ran_as_entry",
+    "ran_with",
     "record_settled",
     "run_fixed",
     "run_minimal",
@@ -138,11 +139,17 @@ def _entry_fields(entry: AttackEntry) -> dict[str, Any]:
 _SETTINGS = ("norm", "parameters", "restarts", "start_from")
 
 
-def ran_as_entry(record: Mapping[str, Any], entry: AttackEntry) -> bool:
-    """Whether ``record`` was computed with ``entry``'s current norm, parameters, restarts and
-    starting points (False after any of them changed under the same suite version)."""
-    current = json.loads(json.dumps(_entry_fields(entry)))
-    return all(record.get(field) == current[field] for field in _SETTINGS)
+def entry_settings(entry: AttackEntry) -> dict[str, Any]:
+    """``entry``'s norm, parameters, restarts and starting points as a record stores them
+    (through JSON, so tuples compare as lists)."""
+    fields = json.loads(json.dumps(_entry_fields(entry)))
+    return {field: fields[field] for field in _SETTINGS}
+
+
+def ran_with(record: Mapping[str, Any], settings: Mapping[str, Any]) -> bool:
+    """Whether ``record`` was computed with these :func:`entry_settings` (False after any of
+    them changed under the same suite version)."""
+    return all(record.get(field) == value for field, value in settings.items())
 
 
 def _grid(threshold: float, points: int) -> list[float]:
