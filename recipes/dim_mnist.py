@@ -79,7 +79,7 @@ from advdefense.modes import device_of
 from advdefense.nn.abs_cnn import AbsCNN
 from advdefense.training.architectures import TrainOptions, train_architecture
 from advdefense.training.checkpoint import EpochCheckpoint
-from advdefense.validation import check_choices
+from advdefense.validation import check_choices, check_positive_int
 
 DEFAULT_N = 1000
 DIM42_N = 200
@@ -157,6 +157,8 @@ def reproduce(
     """
     check_choices(models, MODELS, "model")
     check_choices(stages, STAGES, "stage")
+    if n is not None:
+        check_positive_int(n, "--n")
     chosen = list(dict.fromkeys(models))
     for dataset in datasets or _datasets():
         if dataset not in THRESHOLDS:

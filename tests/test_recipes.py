@@ -161,6 +161,9 @@ def test_dim_stages_choose_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     choices = "quick, adaptive, convergence, dim42"
     with pytest.raises(InputError, match=rf"stage\(s\) table1; choose from {choices}"):
         recipe.reproduce(*arguments, ("table1",))
+    for count in (0, -3):  # not the default n, nor "all but the last three"
+        with pytest.raises(InputError, match=rf"--n must be a positive integer, got {count}"):
+            recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, count, ("dim",))
 
 
 @pytest.mark.parametrize(("dataset", "epsilon"), [("mnist-sample", 0.3), ("fashion-mnist", 0.1)])

@@ -525,6 +525,9 @@ def _find_recipes(explicit: Path | None) -> dict[str, Path]:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
+    for value, flag in ((args.n, "--n"), (args.attack_batch, "--attack-batch")):
+        if value is not None:  # checked before a recipe loads data or trains anything
+            check_positive_int(value, flag)
     recipes = _find_recipes(args.recipes)
     if args.recipe is None:
         if not recipes:
