@@ -345,19 +345,10 @@ def test_reproduce_lists_and_runs_a_recipe(
     assert code == 2 and "takes no --attack-batch" in err
     # a count below one is refused before the recipe runs (dim_mnist once read --n 0 as its
     # default and --n -3 as "all but the last three")
+    marker = ("reproduce", "marker", "--recipes", str(recipes))
     for flag, value in (("--n", "0"), ("--n", "-3"), ("--attack-batch", "0")):
         out_dir = tmp_path / f"refused{flag}{value}"
-        code, _, err = _run(
-            capsys,
-            "reproduce",
-            "marker",
-            "--recipes",
-            str(recipes),
-            flag,
-            value,
-            "--out",
-            str(out_dir),
-        )
+        code, _, err = _run(capsys, *marker, flag, value, "--out", str(out_dir))
         assert code == 2 and f"{flag} must be a positive integer, got {value}" in err, err
         assert not out_dir.exists()
 
