@@ -13,6 +13,7 @@ import argparse
 import json
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 RUNS = ("quick-adaptive-linf", "quick-adaptive-l2", "convergence-linf", "convergence-l2")
 MODELS = ("bidim", "bicnn")
@@ -20,8 +21,8 @@ MODELS = ("bidim", "bicnn")
 
 def compare(run_file: Path) -> dict[tuple[str, str], list[int]]:
     """(model, attack) -> [samples, broken after the fix, broken before, matched batches]."""
-    before: dict[tuple[str, str, tuple[int, ...]], dict] = {}
-    after: dict[tuple[str, str, tuple[int, ...]], dict] = {}
+    before: dict[tuple[str, str, tuple[int, ...]], dict[str, Any]] = {}
+    after: dict[tuple[str, str, tuple[int, ...]], dict[str, Any]] = {}
     for line in run_file.read_text().splitlines():
         record = json.loads(line)
         if record["model"] in MODELS:
