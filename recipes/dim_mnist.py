@@ -16,7 +16,10 @@ stages 1 and 2 as soon as it exists, then runs stage 3 for every model (all resu
    and take hours per model on 2 CPU cores; rerun the command to continue.
 
 ``--stages`` runs only some of them (``STAGES``), e.g. ``--stages dim42`` for the paper's
-protocol alone; the models are trained or loaded either way.
+protocol alone; the models are trained or loaded either way. ``--norms`` restricts the fixed-mode
+stages (adaptive, convergence) to some of ``FIXED_NORMS``: each norm writes its own run
+directory, so ``--norms linf`` and ``--norms l2`` of one model can run side by side, one per
+core (quick and dim42 attack every norm in one run and ignore it).
 
 Binarizing models (biCNN, biDIM) declare the paper's sigmoid proxies and BPDA as surrogates;
 the harness attacks those and refines every adversarial with the binarization projection
@@ -95,6 +98,8 @@ MODELS = ("cnn", "bicnn", "dim", "bidim", "im", "singleim", "dn-singleim", "madr
 STAGES = ("quick", "adaptive", "convergence", "dim42")  # the module docstring's stages 1-3
 # the fixed-mode stages: their suite, run at each norm's threshold into runs/<suite>-<norm>
 FIXED_STAGES = {"adaptive": "quick-adaptive", "convergence": "convergence"}
+# the fixed-mode stages' threat models, in the order they run
+FIXED_NORMS: tuple[Norm, ...] = ("linf", "l2")
 # DIMTrainingConfig's defaults make ~9,400 internal-model steps on 60,000 images. The sample's
 # 4,000 images need more passes: measured on mnist-sample (seed 0), DIM reaches 81.1% test
 # accuracy with 20/10 epochs at batch 128, 93.5% with 100/50 at 128, 94.3% with 100/50 at 32 and
@@ -126,6 +131,7 @@ class Setting:
     thresholds: dict[str, float]
     seed: int
     progress: bool
+    fixed_norms: tuple[Norm, ...] = FIXED_NORMS  # what the fixed-mode stages run (--norms)
 
     @property
     def n(self) -> int:
@@ -148,15 +154,18 @@ def reproduce(
     models: Sequence[str] = MODELS,
     datasets: Sequence[str] | None = None,
     stages: Sequence[str] = STAGES,
+    norms: Sequence[str] = FIXED_NORMS,
 ) -> None:
     """Train or load the models, evaluate in three resumable stages, write the tables.
 
     ``models`` and ``datasets`` (``--models``, ``--datasets``) restrict the work and set its
     order, e.g. DIM and biDIM first, and Madry's adversarial training left for a machine with a
-    GPU; ``stages`` (``--stages``) picks among ``STAGES``; the tables show what has run.
+    GPU; ``stages`` (``--stages``) picks among ``STAGES`` and ``norms`` (``--norms``) among
+    the fixed-mode stages' ``FIXED_NORMS``; the tables show what has run.
     """
     check_choices(models, MODELS, "model")
     check_choices(stages, STAGES, "stage")
+    check_choices(norms, FIXED_NORMS, "norm")
     if n is not None:
         check_positive_int(n, "--n")
     chosen = list(dict.fromkeys(models))
@@ -175,6 +184,7 @@ def reproduce(
             THRESHOLDS[dataset],
             seed,
             progress,
+            tuple(norm for norm in FIXED_NORMS if norm in norms),
         )
         loaded: dict[str, nn.Module] = {}
         for name in chosen:  # each model through the cheap stages as soon as it exists
@@ -352,7 +362,7 @@ def _run_stage(stage: str, setting: Setting, name: str, model: nn.Module) -> Non
     """One model through one stage (skipping finished work), then the stage's reports."""
     if stage in FIXED_STAGES:
         suite = get_suite(FIXED_STAGES[stage])
-        for norm in ("linf", "l2"):
+        for norm in setting.fixed_norms:
             config = replace(_config(setting, suite.name, "fixed", setting.n), norm=norm)
             config = replace(config, epsilon=setting.thresholds[norm])
             _evaluate(setting, f"{suite.name}-{norm}", config, name, model)
@@ -541,7 +551,7 @@ def render_true_robustness(setting: Setting) -> str:
     quick = _minimal_summaries(setting, "quick")
     fixed: dict[str, dict[tuple[str, str], FixedSummary]] = {}
     for suite in FIXED_STAGES.values():
-        for norm in ("linf", "l2"):
+        for norm in FIXED_NORMS:
             for name, summary in _stage_summaries(setting, f"{suite}-{norm}").items():
                 if isinstance(summary, FixedSummary):
                     fixed.setdefault(name, {})[suite, norm] = summary
@@ -553,7 +563,7 @@ def render_true_robustness(setting: Setting) -> str:
     ]
     common_n = _common_n(setting, [quick, *fixed.values()])
     for name in MODELS:
-        for norm in ("linf", "l2"):
+        for norm in FIXED_NORMS:
             threshold = setting.thresholds[norm]
             found = [fixed.get(name, {}).get((suite, norm)) for suite in FIXED_STAGES.values()]
             paper, quick_summary, *kept = _same_weights(dim42.get(name), quick.get(name), *found)

@@ -335,14 +335,14 @@ def test_reproduce_lists_and_runs_a_recipe(
     )
     assert code == 0, err
     assert (tmp_path / "o" / "done.txt").read_text() == "cpu 4 False 12"
-    code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--models", "a")
-    assert code == 2 and "takes no --models" in err
-    code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), "--stages", "a")
-    assert code == 2 and "takes no --stages" in err
-    code, _, err = _run(
-        capsys, "reproduce", "marker", "--recipes", str(recipes), "--attack-batch", "5"
-    )
-    assert code == 2 and "takes no --attack-batch" in err
+    for flag, value in (
+        ("--models", "a"),
+        ("--stages", "a"),
+        ("--norms", "l2"),
+        ("--attack-batch", "5"),
+    ):
+        code, _, err = _run(capsys, "reproduce", "marker", "--recipes", str(recipes), flag, value)
+        assert code == 2 and f"takes no {flag}" in err, flag
     # a count below one is refused before the recipe runs (dim_mnist once read --n 0 as its
     # default and --n -3 as "all but the last three")
     marker = ("reproduce", "marker", "--recipes", str(recipes))
@@ -353,7 +353,7 @@ def test_reproduce_lists_and_runs_a_recipe(
         assert not out_dir.exists()
 
 
-def test_reproduce_passes_models_datasets_stages_and_attack_batch(
+def test_reproduce_passes_models_datasets_stages_norms_and_attack_batch(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     recipes = tmp_path / "recipes"
@@ -361,17 +361,22 @@ def test_reproduce_passes_models_datasets_stages_and_attack_batch(
     (recipes / "picky.py").write_text(
         "from pathlib import Path\n"
         "def reproduce(out, device, seed, progress, n, models=('x',), datasets=None,\n"
-        "              stages=('all',), attack_batch=None):\n"
+        "              stages=('all',), norms=('linf',), attack_batch=None):\n"
         "    Path(out).mkdir(parents=True, exist_ok=True)\n"
-        "    (Path(out) / 'done.txt').write_text(f'{models} {datasets} {stages} {attack_batch}')\n"
+        "    (Path(out) / 'done.txt').write_text(\n"
+        "        f'{models} {datasets} {stages} {norms} {attack_batch}')\n"
     )
     arguments = ("reproduce", "picky", "--recipes", str(recipes), "--out", str(tmp_path / "o"))
     code, _, err = _run(capsys, *arguments, "--models", "dim, bidim", "--datasets", "mnist")
     assert code == 0, err
-    assert (tmp_path / "o" / "done.txt").read_text() == "('dim', 'bidim') ('mnist',) ('all',) None"
+    done = tmp_path / "o" / "done.txt"
+    assert done.read_text() == "('dim', 'bidim') ('mnist',) ('all',) ('linf',) None"
     code, _, err = _run(capsys, *arguments, "--stages", "whitebox,blackbox", "--attack-batch", "7")
     assert code == 0, err
-    assert (tmp_path / "o" / "done.txt").read_text() == "('x',) None ('whitebox', 'blackbox') 7"
+    assert done.read_text() == "('x',) None ('whitebox', 'blackbox') ('linf',) 7"
+    code, _, err = _run(capsys, *arguments, "--norms", "l2")
+    assert code == 0, err
+    assert done.read_text() == "('x',) None ('all',) ('l2',) None"
     with pytest.raises(SystemExit) as exit_info:
         main([*arguments, "--models", ","])
     assert exit_info.value.code == 2 and "comma-separated" in capsys.readouterr().err

@@ -166,6 +166,39 @@ def test_dim_stages_choose_the_work(tmp_path: Path, monkeypatch: pytest.MonkeyPa
             recipe.reproduce(tmp_path, torch.device("cpu"), 0, False, count, ("dim",))
 
 
+def test_dim_norms_choose_the_fixed_stages_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    recipe = _recipe("dim_mnist")
+    norms_seen: list[tuple[str, ...]] = []
+    monkeypatch.setattr(recipe, "_model", lambda *args: nn.Identity())
+    monkeypatch.setattr(
+        recipe, "_timed", lambda _, setting, *__: norms_seen.append(setting.fixed_norms)
+    )
+    arguments = (tmp_path, torch.device("cpu"), 0, False, 10, ("dim",), ("mnist-sample",))
+    recipe.reproduce(*arguments, ("convergence",), ("l2", "linf"))  # run in FIXED_NORMS' order
+    recipe.reproduce(*arguments, ("convergence",), ("l2",))
+    recipe.reproduce(*arguments, ("convergence",))
+    assert norms_seen == [("linf", "l2"), ("l2",), ("linf", "l2")]
+    with pytest.raises(InputError, match=r"norm\(s\) l1; choose from linf, l2"):
+        recipe.reproduce(*arguments, ("convergence",), ("l1",))
+
+    runs: list[tuple[str, str | None, float | None]] = []
+    monkeypatch.setattr(
+        recipe,
+        "_evaluate",
+        lambda _, run, config, *__: runs.append((run, config.norm, config.epsilon)),
+    )
+    _, setting, _ = _toy_dim_setting(tmp_path)
+    recipe._run_stage("convergence", replace(setting, fixed_norms=("l2",)), "dim", nn.Identity())
+    recipe._run_stage("adaptive", setting, "dim", nn.Identity())
+    assert runs == [
+        ("convergence-l2", "l2", 1.5),
+        ("quick-adaptive-linf", "linf", 0.3),
+        ("quick-adaptive-l2", "l2", 1.5),
+    ]
+
+
 @pytest.mark.parametrize(("dataset", "epsilon"), [("mnist-sample", 0.3), ("fashion-mnist", 0.1)])
 def test_madry_trains_at_the_datasets_linf_threshold(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dataset: str, epsilon: float

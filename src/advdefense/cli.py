@@ -310,6 +310,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "`stages`; the stages a chosen one needs always run)",
     )
     reproduce.add_argument(
+        "--norms",
+        type=_comma_list,
+        help="only these threat models (linf, l2, ...) in the recipe's per-norm stages, "
+        "comma-separated (recipes that take `norms`; e.g. one norm per core)",
+    )
+    reproduce.add_argument(
         "--attack-batch",
         type=int,
         help="samples per batch of the recipe's long attacks (recipes that take `attack_batch`;"
@@ -558,6 +564,7 @@ def _reproduce(args: argparse.Namespace) -> None:
             ("models", args.models),
             ("datasets", args.datasets),
             ("stages", args.stages),
+            ("norms", args.norms),
             ("attack_batch", args.attack_batch),
         )
         if value is not None
