@@ -408,8 +408,10 @@ def _config(setting: Setting, suite: str, mode: str, count: int) -> RunConfig:
 # ---- tables ----
 
 
-def _load(run_dir: Path) -> RunResult | None:
-    return load_run(run_dir, partial=True) if (run_dir / "run.json").is_file() else None
+def _load(run_dir: Path, skip_models: Collection[str] = ()) -> RunResult | None:
+    if not (run_dir / "run.json").is_file():
+        return None
+    return load_run(run_dir, partial=True, skip_models=skip_models)
 
 
 def _stage_summaries(setting: Setting, run: str) -> dict[str, ModelSummary | FixedSummary]:
@@ -424,7 +426,10 @@ def _stage_summaries(setting: Setting, run: str) -> dict[str, ModelSummary | Fix
     ]
     chosen: dict[str, ModelSummary | FixedSummary] = {}
     for run_dir in (directory, *archives):
-        loaded = _load(run_dir)
+        # an archive cannot beat a summary on as many samples: those models are not even read,
+        # so one whose archived records are gone (rerun at the new n) warns of nothing
+        archived_n = int(run_dir.name.rsplit("-n", 1)[1]) if run_dir in archives else 0
+        loaded = _load(run_dir, [name for name, held in chosen.items() if held.n >= archived_n])
         for summary in loaded.summaries if loaded else []:
             held = chosen.get(summary.model)
             if held is None or (summary.n > held.n and summary.fingerprint == held.fingerprint):

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -873,6 +874,11 @@ def test_a_killed_model_does_not_block_the_next_one(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="killed left out"):
         result = load_run(tmp_path, partial=True)
     assert [s.model for s in result.summaries] == ["next"]
+    with warnings.catch_warnings():  # a skipped model is not read, so it warns of nothing
+        warnings.simplefilter("error")
+        result = load_run(tmp_path, partial=True, skip_models=("killed",))
+    assert [s.model for s in result.summaries] == ["next"]
+    assert load_run(tmp_path, partial=True, skip_models=("killed", "next")).summaries == []
 
 
 @register_model("test-gray-detector")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -332,6 +333,12 @@ def test_dim_tables_keep_models_not_yet_rerun_at_a_new_n(tmp_path: Path) -> None
     # a later command at another n (dim42 at 200 after quick at 1,000) relabels nothing: the
     # table names the n its runs used
     recipe._evaluate(setting, "quick", _run(tmp_path, "quick", "minimal", 12), "cnn", models["cnn"])
+    # both are at n = 12 now: the archive at 6 is not even read, so its records may be gone (a
+    # checkout without them) without a warning to rerun a run no command reruns
+    (tmp_path / "runs" / "quick-n6" / "records.jsonl").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        recipe.write_tables(setting)
     recipe.write_tables(replace(setting, images=setting.images[:6], labels=setting.labels[:6]))
     truth = (tmp_path / "true_robustness.md").read_text()
     assert "| cnn | linf |" in truth and "| dim | linf |" in truth

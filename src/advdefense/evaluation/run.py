@@ -13,7 +13,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -458,12 +458,18 @@ def _write_run_file(run_dir: Path, config: RunConfig, models: dict[str, Any]) ->
     write_atomically(run_dir / RUN_FILE, lambda temporary: temporary.write_text(text))
 
 
-def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> RunResult:
+def load_run(
+    directory: str | os.PathLike[str],
+    *,
+    partial: bool = False,
+    skip_models: Collection[str] = (),
+) -> RunResult:
     """Rebuild a run's summaries from ``run.json`` and its record store.
 
     ``partial=True`` reports a run still in progress (or interrupted): attacks whose records are
     not all written yet are left out and named in each summary's ``pending`` list and flags; an
     unfinished model with samples no attack has reached yet is left out with a warning.
+    ``skip_models`` are neither read nor reported (a caller that has them from elsewhere).
     """
     run_dir = Path(directory)
     run_file = run_dir / RUN_FILE
@@ -481,6 +487,8 @@ def load_run(directory: str | os.PathLike[str], *, partial: bool = False) -> Run
     store = ResultStore(run_dir, writable=False)
     summaries: list[ModelSummary | FixedSummary] = []
     for name, entry in payload["models"].items():
+        if name in skip_models:
+            continue
         try:
             summaries.append(_summarize_model(store, config, run_dir, name, entry, partial))
         except UserError as error:
